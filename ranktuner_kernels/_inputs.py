@@ -1,0 +1,93 @@
+"""Argument checks shared by the public functions: bad input raises, naming the argument."""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def check_float(name: str, t, dims=None) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: dtype must be one of {FLOAT_DTYPES}, got {t.dtype}")
+    if dims is not None and t.dim() not in dims:
+        raise ValueError(f"{name}: expected {' or '.join(f'{d}-D' for d in dims)}, got shape {tuple(t.shape)}")
+
+
+def check_same_device(name: str, t: torch.Tensor, ref: torch.Tensor, ref_name: str) -> None:
+    if t.device != ref.device:
+        raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}")
+
+
+def check_target(target, lead_shape: tuple, v_size: int, ignore_index: int, like: torch.Tensor, like_name: str):
+    """Returns the flat int64 targets ``[N]``."""
+    if not isinstance(target, torch.Tensor):
+        raise TypeError(f"target: expected a torch.Tensor, got {type(target).__name__}")
+    if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
+        raise TypeError(f"target: must hold integer class indices, got dtype {target.dtype}")
+    if tuple(target.shape) != tuple(lead_shape):
+        raise ValueError(f"target: shape {tuple(target.shape)} does not match {like_name}'s leading shape {tuple(lead_shape)}")
+    check_same_device("target", target, like, like_name)
+    if not isinstance(ignore_index, numbers.Integral):
+        raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
+    flat = target.reshape(-1).long()
+    bad = (flat != ignore_index) & ((flat < 0) | (flat >= v_size))
+    if bool(bad.any()):
+        value = int(flat[bad][0])
+        raise ValueError(f"target: value {value} is outside [0, {v_size}) and is not ignore_index ({ignore_index})")
+    return flat.contiguous()
+
+
+def check_reduction(reduction: str) -> None:
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
+
+
+def caller_scale(token_weight, sequence_weight, shape: tuple, like: torch.Tensor):
+    """Product of the caller's per-token and per-sequence weights as ``[N]`` (or None).
+
+    ``token_weight``: the target's shape; ``sequence_weight``: ``[B]`` for ``[B, T]`` targets.
+    Both are constants (no gradient flows to them).
+    """
+    scale = None
+    if token_weight is not None:
+        check_float("token_weight", token_weight)
+        if tuple(token_weight.shape) != tuple(shape):
+            raise ValueError(f"token_weight: shape {tuple(token_weight.shape)} must equal the target's {tuple(shape)}")
+        check_same_device("token_weight", token_weight, like, "input")
+        scale = token_weight.detach().reshape(-1)
+    if sequence_weight is not None:
+        check_float("sequence_weight", sequence_weight)
+        if len(shape) != 2:
+            raise ValueError("sequence_weight: needs [B, T] targets to know which tokens form a sequence")
+        if tuple(sequence_weight.shape) != (shape[0],):
+            raise ValueError(f"sequence_weight: expected shape ({shape[0]},), got {tuple(sequence_weight.shape)}")
+        check_same_device("sequence_weight", sequence_weight, like, "input")
+        seq = sequence_weight.detach()[:, None].expand(shape).reshape(-1)
+        scale = seq if scale is None else scale * seq
+    return scale
+
+
+def normaliser(reduction: str, keep: torch.Tensor, num_items_in_batch, dtype) -> torch.Tensor | None:
+    """The divisor of ``reduction="mean"``: ``num_items_in_batch`` or the non-ignored count (>= 1)."""
+    if reduction != "mean":
+        return None
+    if num_items_in_batch is None:
+        n = keep.sum().to(dtype)
+    else:
+        if isinstance(num_items_in_batch, torch.Tensor):
+            if num_items_in_batch.numel() != 1:
+                raise ValueError("num_items_in_batch: expected a number or a one-element tensor")
+            n = num_items_in_batch.detach().to(device=keep.device, dtype=dtype).reshape(())
+        elif isinstance(num_items_in_batch, numbers.Real) and not isinstance(num_items_in_batch, bool):
+            if num_items_in_batch < 0:
+                raise ValueError(f"num_items_in_batch: must be >= 0, got {num_items_in_batch}")
+            n = torch.tensor(float(num_items_in_batch), dtype=dtype, device=keep.device)
+        else:
+            raise TypeError(f"num_items_in_batch: expected a number or a tensor, got {type(num_items_in_batch).__name__}")
+    return torch.where(n > 0, n, torch.ones_like(n))

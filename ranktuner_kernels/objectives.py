@@ -1,0 +1,351 @@
+"""Objectives: small per-token epilogues on the O(N) row statistics.
+
+Every objective maps the row statistics of token ``t`` (``SPEC.md``) to
+
+* ``value_t``: the token's loss value,
+* ``w_t``: a detached weight on the NLL gradient,
+* ``beta_t``: a coefficient on the entropy gradient (0 but for ``entropy_reg``),
+
+so that ``dL/dz_i = g_t * (w_t * (p_i - 1[i = y]) + beta_t * p_i * (log p_i + H_t))``.
+The kernels stay generic; these functions run on ``[N]`` tensors only.
+
+Each config is a frozen dataclass carrying its options; :func:`resolve` turns a
+name such as ``"ranktuner"`` into the default config.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import NamedTuple, Optional
+
+import torch
+
+LN2 = math.log(2.0)
+
+
+class RowStats(NamedTuple):
+    """Per-token statistics, each ``[N]`` (float32, or float64 for float64 logits).
+
+    ``lse = log sum_i exp z_i``, ``target_logit = z_y``, ``max_logit = max_i z_i``,
+    ``entropy = -sum_i p_i log p_i`` (nats), ``rank = #{i : z_i >= z_y}`` (int64).
+    Ignored tokens hold zeros. Derived: ``logp_t = z_y - lse``, ``p_max = exp(max - lse)``.
+    """
+
+    lse: torch.Tensor
+    target_logit: torch.Tensor
+    max_logit: torch.Tensor
+    entropy: torch.Tensor
+    rank: torch.Tensor
+
+    @property
+    def logp_t(self) -> torch.Tensor:
+        return self.target_logit - self.lse
+
+    @property
+    def p_max(self) -> torch.Tensor:
+        return torch.exp(self.max_logit - self.lse)
+
+
+class Batch(NamedTuple):
+    """What an objective may need beyond the row statistics.
+
+    ``keep``: ``[N]`` bool, the non-ignored tokens; ``shape``: the target's shape
+    (``(N,)`` or ``(B, T)``); ``topk_entropy``: ``[N]`` entropy of the top-K softmax,
+    present only for objectives with ``needs_topk``.
+    """
+
+    keep: torch.Tensor
+    shape: tuple
+    topk_entropy: Optional[torch.Tensor] = None
+
+
+class Coefficients(NamedTuple):
+    value: torch.Tensor
+    w: torch.Tensor
+    beta: Optional[torch.Tensor]  # None where the objective has no entropy term
+
+
+class Objective:
+    """Base class. Subclasses are frozen dataclasses of their options."""
+
+    name = "objective"
+    #: needs the entropy of the top-K softmax (EAFT)
+    needs_topk = False
+    #: w depends on other tokens of the batch (TALR's median): the gradient needs a second sweep
+    batch_level = False
+
+    def validate(self) -> None:
+        pass
+
+    def coefficients(self, stats: RowStats, batch: Batch) -> Coefficients:
+        raise NotImplementedError
+
+    def __post_init__(self):
+        self.validate()
+
+
+def _nll_weighted(stats: RowStats, w: torch.Tensor) -> Coefficients:
+    return Coefficients(w * (-stats.logp_t), w, None)
+
+
+def _check_positive(obj, name):
+    v = getattr(obj, name)
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v <= 0:
+        raise ValueError(f"{type(obj).__name__}: {name} must be a finite number > 0, got {v!r}")
+
+
+def _check_choice(obj, name, choices):
+    v = getattr(obj, name)
+    if v not in choices:
+        raise ValueError(f"{type(obj).__name__}: {name} must be one of {choices}, got {v!r}")
+
+
+@dataclass(frozen=True)
+class SFT(Objective):
+    """Plain cross-entropy: ``value = -log p_t``, ``w = 1``."""
+
+    name = "sft"
+
+    def coefficients(self, stats, batch):
+        return _nll_weighted(stats, torch.ones_like(stats.logp_t))
+
+
+@dataclass(frozen=True)
+class DFT(Objective):
+    """Dynamic fine-tuning: ``value = sg(p_t) * (-log p_t)``, ``w = p_t``."""
+
+    name = "dft"
+
+    def coefficients(self, stats, batch):
+        return _nll_weighted(stats, stats.logp_t.exp())
+
+
+@dataclass(frozen=True)
+class RankTuner(Objective):
+    """RankTuner's Relative Scale (paper Algorithm 1).
+
+    ``s(H) = 2^{H_bits}/4 + 1`` if ``H_bits >= 2`` else ``2 - p_max``;
+    ``xi = max(R, s)`` (or the arithmetic / geometric / logarithmic mean);
+    ``K = log2(xi + 1)^-2`` (times ``xi/(xi+1)`` for ``k="cmvt"``);
+    ``S = max(p_t * s, clamp_min)^-K`` (``s^-K`` / ``p_t^-K`` for the ablations);
+    ``w = sg(w0 * S)`` with ``w0 = p_t`` or 1; ``value = w * (-log p_t)``.
+    """
+
+    w0: str = "p"
+    xi: str = "max"
+    k: str = "simplified"
+    ablation: Optional[str] = None
+    clamp_min: Optional[float] = 1e-6
+    name = "ranktuner"
+
+    def validate(self):
+        _check_choice(self, "w0", ("p", "one"))
+        _check_choice(self, "xi", ("max", "arith", "geo", "log"))
+        _check_choice(self, "k", ("simplified", "cmvt"))
+        _check_choice(self, "ablation", (None, "no_prob", "no_entropy"))
+        if self.clamp_min is not None:
+            _check_positive(self, "clamp_min")
+
+    def relative_scale_terms(self, stats: RowStats):
+        """``(log s(H), xi, K)`` per token."""
+        h_bits = stats.entropy / LN2
+        s = torch.where(h_bits >= 2, torch.exp2(h_bits) / 4 + 1, 2 - stats.p_max)
+        r = stats.rank.to(s.dtype)
+        if self.xi == "max":
+            xi = torch.maximum(r, s)
+        elif self.xi == "arith":
+            xi = (r + s) / 2
+        elif self.xi == "geo":
+            xi = torch.sqrt(r * s)
+        else:  # logarithmic mean, arithmetic where R ~ s (the limit of the log mean)
+            dlog = torch.log(r) - torch.log(s)
+            close = dlog.abs() < 1e-4
+            xi = torch.where(close, (r + s) / 2, (r - s) / torch.where(close, 1.0, dlog))
+        k = torch.log2(xi + 1).pow(-2)
+        if self.k == "cmvt":
+            k = k * xi / (xi + 1)
+        return torch.log(s), xi, k
+
+    def coefficients(self, stats, batch):
+        log_s, _, k = self.relative_scale_terms(stats)
+        if self.ablation is None:
+            log_base = stats.logp_t + log_s
+            if self.clamp_min is not None:
+                log_base = torch.clamp_min(log_base, math.log(self.clamp_min))
+        elif self.ablation == "no_prob":
+            log_base = log_s
+        else:
+            log_base = stats.logp_t
+        log_scale = -k * log_base
+        if self.w0 == "p":
+            log_scale = log_scale + stats.logp_t
+        return _nll_weighted(stats, log_scale.exp())
+
+
+@dataclass(frozen=True)
+class TALR(Objective):
+    """``w = max(max(p_t, 1e-6)^{1/tau}, w_min)``; ``tau`` is the median over the
+    batch's sequences of each sequence's mean NLL (sequences with no token left out;
+    the median of an even count is the mean of the two middle values), unless given."""
+
+    w_min: float = 0.01
+    tau: Optional[float] = None
+    name = "talr"
+    batch_level = True
+
+    def validate(self):
+        if not isinstance(self.w_min, (int, float)) or not 0 <= self.w_min <= 1:
+            raise ValueError(f"TALR: w_min must be in [0, 1], got {self.w_min!r}")
+        if self.tau is not None:
+            _check_positive(self, "tau")
+
+    def temperature(self, stats: RowStats, batch: Batch) -> torch.Tensor:
+        if self.tau is not None:
+            return torch.tensor(float(self.tau), dtype=stats.logp_t.dtype, device=stats.logp_t.device)
+        if len(batch.shape) != 2:
+            raise ValueError("TALR needs [B, T] targets (per-sequence mean NLL) or an explicit tau=")
+        nll = torch.where(batch.keep, -stats.logp_t, 0).reshape(batch.shape)
+        count = batch.keep.reshape(batch.shape).sum(1)
+        seq_mean = nll.sum(1)[count > 0] / count[count > 0]
+        if seq_mean.numel() == 0:
+            return torch.ones((), dtype=nll.dtype, device=nll.device)
+        return torch.quantile(seq_mean, 0.5)
+
+    def coefficients(self, stats, batch):
+        tau = self.temperature(stats, batch)
+        p = stats.logp_t.exp().clamp_min(1e-6)
+        w = torch.clamp_min(p.pow(1.0 / tau), self.w_min)
+        return _nll_weighted(stats, w)
+
+
+@dataclass(frozen=True)
+class EAFT(Objective):
+    """``w = (H_topK / norm)^alpha`` with ``H_topK`` the entropy of the softmax over the
+    ``k`` largest logits (all of them where ``V < k``)."""
+
+    k: int = 20
+    alpha: float = 1.0
+    norm: float = 3.0
+    name = "eaft"
+    needs_topk = True
+
+    def validate(self):
+        if not isinstance(self.k, int) or isinstance(self.k, bool) or self.k < 1:
+            raise ValueError(f"EAFT: k must be an int >= 1, got {self.k!r}")
+        _check_positive(self, "alpha")
+        _check_positive(self, "norm")
+
+    def coefficients(self, stats, batch):
+        return _nll_weighted(stats, (batch.topk_entropy / self.norm).pow(self.alpha))
+
+
+@dataclass(frozen=True)
+class OverTone(Objective):
+    """``w = lam`` where the target's logit is the row maximum (ties included), else 1."""
+
+    lam: float = 0.1
+    name = "overtone"
+
+    def validate(self):
+        if not isinstance(self.lam, (int, float)) or not math.isfinite(self.lam) or self.lam < 0:
+            raise ValueError(f"OverTone: lam must be a finite number >= 0, got {self.lam!r}")
+
+    def coefficients(self, stats, batch):
+        is_max = stats.target_logit >= stats.max_logit
+        return _nll_weighted(stats, torch.where(is_max, self.lam, 1.0).to(stats.logp_t.dtype))
+
+
+@dataclass(frozen=True)
+class AlphaPower(Objective):
+    """``value = (1 - p_t^alpha)/alpha``, ``w = p_t^alpha`` (exact gradient of the f(p) objective)."""
+
+    alpha: float = 1.0
+    name = "alpha_power"
+
+    def validate(self):
+        _check_positive(self, "alpha")
+
+    def coefficients(self, stats, batch):
+        w = (self.alpha * stats.logp_t).exp()
+        return Coefficients((1 - w) / self.alpha, w, None)
+
+
+@dataclass(frozen=True)
+class Threshold(Objective):
+    """``w = 1[low <= p_t <= high]``, ``value = w * (-log p_t)``."""
+
+    low: float = 0.2
+    high: float = 1.0
+    name = "threshold"
+
+    def validate(self):
+        for n in ("low", "high"):
+            v = getattr(self, n)
+            if not isinstance(v, (int, float)) or not 0 <= v <= 1:
+                raise ValueError(f"Threshold: {n} must be in [0, 1], got {v!r}")
+        if self.low > self.high:
+            raise ValueError(f"Threshold: low ({self.low}) must be <= high ({self.high})")
+
+    def coefficients(self, stats, batch):
+        p = stats.logp_t.exp()
+        return _nll_weighted(stats, ((p >= self.low) & (p <= self.high)).to(p.dtype))
+
+
+@dataclass(frozen=True)
+class EntropyReg(Objective):
+    """``value = -log p_t - alpha * H``, ``w = 1``, ``beta = alpha``."""
+
+    alpha: float = 0.02
+    name = "entropy_reg"
+
+    def validate(self):
+        if not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha):
+            raise ValueError(f"EntropyReg: alpha must be a finite number, got {self.alpha!r}")
+
+    def coefficients(self, stats, batch):
+        w = torch.ones_like(stats.logp_t)
+        return Coefficients(-stats.logp_t - self.alpha * stats.entropy, w, torch.full_like(w, self.alpha))
+
+
+@dataclass(frozen=True)
+class Focal(Objective):
+    """``value = -(1-p)^gamma log p``; ``w = (1-p)^{gamma-1}((1-p) - gamma p log p)``."""
+
+    gamma: float = 2.0
+    name = "focal"
+
+    def validate(self):
+        if not isinstance(self.gamma, (int, float)) or not math.isfinite(self.gamma) or self.gamma < 0:
+            raise ValueError(f"Focal: gamma must be a finite number >= 0, got {self.gamma!r}")
+
+    def coefficients(self, stats, batch):
+        logp = stats.logp_t
+        p = logp.exp()
+        q = -torch.expm1(logp)  # 1 - p, accurate near p = 1
+        value = -q.pow(self.gamma) * logp
+        if self.gamma == 0:
+            w = torch.ones_like(p)
+        else:
+            w = q.pow(self.gamma - 1) * (q - self.gamma * p * logp)
+            w = torch.where(q == 0, 0.0, w)  # the limit (1 + gamma) q^gamma -> 0 at p = 1
+        return Coefficients(value, w, None)
+
+
+OBJECTIVES = {cls.name: cls for cls in (SFT, DFT, RankTuner, TALR, EAFT, OverTone, AlphaPower, Threshold, EntropyReg, Focal)}
+
+
+def resolve(weighting) -> Objective:
+    """A name (``"ranktuner"``) or a config object (``RankTuner(xi="geo")``) -> config object."""
+    if isinstance(weighting, Objective):
+        return weighting
+    if isinstance(weighting, str):
+        try:
+            return OBJECTIVES[weighting]()
+        except KeyError:
+            raise ValueError(f"weighting: unknown name {weighting!r}; expected one of {sorted(OBJECTIVES)}") from None
+    raise TypeError(f"weighting: expected a name or an objective config such as rk.RankTuner(), got {type(weighting).__name__}")
+
+
+def options(obj: Objective) -> dict:
+    return {f.name: getattr(obj, f.name) for f in fields(obj)}

@@ -1,0 +1,14 @@
+"""Pure-torch reference of the row statistics and the shared gradient (``SPEC.md``).
+
+Plain, readable torch that follows the SPEC line by line. It computes in float32
+(float64 for float64 logits) and processes rows in chunks of at most
+``CHUNK_ELEMENTS`` logits, so its peak extra memory is a small multiple of one chunk:
+it doubles as the CPU fallback of every public function.
+"""
+
+from .rows import CHUNK_ELEMENTS, row_chunks
+from .row_stats import row_stats
+from .row_grad import row_grad
+from .topk_entropy import topk_entropy
+
+__all__ = ["CHUNK_ELEMENTS", "row_chunks", "row_stats", "row_grad", "topk_entropy"]

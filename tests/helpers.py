@@ -1,0 +1,62 @@
+"""Shared test helpers: batches with a realistic spread of p_t, configs, error measures."""
+
+import torch
+
+import ranktuner_kernels as rk
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ON_GPU = DEVICE == "cuda"
+
+#: Every weighting with its default options, and each non-default option at least once.
+CONFIGS = [
+    rk.SFT(), rk.DFT(),
+    rk.RankTuner(), rk.RankTuner(w0="one"), rk.RankTuner(xi="arith"), rk.RankTuner(xi="geo"),
+    rk.RankTuner(xi="log"), rk.RankTuner(k="cmvt"), rk.RankTuner(ablation="no_prob"),
+    rk.RankTuner(ablation="no_entropy"), rk.RankTuner(clamp_min=None), rk.RankTuner(clamp_min=0.3),
+    rk.TALR(), rk.TALR(tau=2.0), rk.TALR(w_min=0.3),
+    rk.EAFT(), rk.EAFT(k=3, alpha=2.0, norm=1.0),
+    rk.OverTone(), rk.OverTone(lam=0.5),
+    rk.AlphaPower(0.5), rk.AlphaPower(2.0),
+    rk.Threshold(), rk.Threshold(0.05, 0.5),
+    rk.EntropyReg(), rk.EntropyReg(0.5),
+    rk.Focal(2.0), rk.Focal(0.5), rk.Focal(0.0),
+]
+NAMES = sorted(rk.objectives.OBJECTIVES)
+
+
+def cid(obj):
+    return repr(obj).replace(" ", "")
+
+
+def make_batch(b, t, v, dtype=torch.float32, device=DEVICE, seed=0, ignore=True):
+    """``[B, T, V]`` logits and ``[B, T]`` targets: random logits, each target's logit boosted by
+    a random amount so p_t spans hard (~1/V) to confident (~1); a few targets ignored."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(b, t, v, generator=g, dtype=torch.float64) * 2
+    target = torch.randint(0, v, (b, t), generator=g)
+    boost = torch.rand(b, t, generator=g, dtype=torch.float64) * 12 - 2
+    logits.scatter_add_(2, target[..., None], boost[..., None])
+    if ignore and b * t > 2:
+        target.view(-1)[1] = -100
+    return logits.to(dtype).to(device), target.to(device)
+
+
+def rel_err(x, ref):
+    x, ref = x.double(), ref.double()
+    return float((x - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def upstream_like(loss, seed=1):
+    """A random upstream gradient of the loss's shape (non-uniform for ``"none"``)."""
+    g = torch.Generator().manual_seed(seed)
+    return (torch.rand(loss.shape, generator=g, dtype=torch.float64) + 0.5).to(loss.device)
+
+
+def loss_and_grads(fn, inputs, upstream_seed=1):
+    """Run ``fn(*inputs)`` and backprop a random upstream gradient; returns (loss, grads)."""
+    for x in inputs:
+        x.grad = None
+    loss = fn(*inputs)
+    g = upstream_like(loss, upstream_seed).to(loss.dtype)
+    (loss * g).sum().backward()
+    return loss.detach(), [x.grad.detach().clone() for x in inputs]

@@ -1,0 +1,137 @@
+"""Fused linear path against the reference on materialised logits: values and all three
+gradients, every weighting, dtype, bias or not, ignore_index, reduction, chunking."""
+
+import pytest
+import torch
+
+import ranktuner_kernels as rk
+from helpers import DEVICE, NAMES, loss_and_grads, rel_err
+
+IMPLS = ["reference", "triton"]
+
+
+def make_head(n_shape, d, v, dtype, bias, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(*n_shape, d, generator=g, dtype=torch.float64)
+    w = torch.randn(v, d, generator=g, dtype=torch.float64) / d**0.5 * 3
+    b = torch.randn(v, generator=g, dtype=torch.float64) if bias else None
+    target = torch.randint(0, v, n_shape, generator=g)
+    target.view(-1)[::5] = -100
+    # make a spread of p_t: pull each hidden state towards its target's row of W
+    h = h + 0.5 * w[target.clamp_min(0)] * torch.rand(*n_shape, 1, generator=g, dtype=torch.float64)
+    cast = lambda t: None if t is None else t.to(dtype).to(DEVICE)  # noqa: E731
+    return cast(h), cast(w), cast(b), target.to(DEVICE)
+
+
+def check_linear(weighting, n_shape, d, v, dtype, bias, reduction, impl, chunk_size=None, seed=0, **kw):
+    h, w, b, target = make_head(n_shape, d, v, dtype, bias, seed)
+    weighting = rk.TALR(tau=1.5) if weighting == "talr" and len(n_shape) == 1 else weighting
+    opts = dict(weighting=weighting, reduction=reduction, **kw)
+
+    def fused(*p):
+        return rk.linear_cross_entropy(p[0], p[1], target, linear_bias=p[2] if bias else None,
+                                       chunk_size=chunk_size, impl=impl, **opts)
+
+    def materialised(*p):
+        logits = p[0] @ p[1].T + (p[2] if bias else 0)
+        return rk.cross_entropy(logits, target, impl="reference", **opts)
+
+    params = [t for t in (h, w, b) if t is not None]
+    leaf = lambda ts, dt=None: [t.detach().to(dt or t.dtype).requires_grad_() for t in ts]  # noqa: E731
+    f_loss, f_grads = loss_and_grads(fused, leaf(params))
+    r_loss, r_grads = loss_and_grads(materialised, leaf(params, torch.float64))  # exact
+    t_loss, t_grads = loss_and_grads(materialised, leaf(params))  # torch in this dtype
+    assert f_loss.dtype == dtype and f_loss.shape == r_loss.shape
+    assert rel_err(f_loss, r_loss) <= 3 * rel_err(t_loss, r_loss) + 1e-5
+    for fg, rg, tg, p in zip(f_grads, r_grads, t_grads, params):
+        assert fg.dtype == p.dtype and fg.shape == p.shape
+        assert rel_err(fg, rg) <= 3 * rel_err(tg, rg) + 1e-5
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", NAMES)
+def test_every_weighting(name, dtype, bias, reduction):
+    check_linear(name, (2, 5), 16, 300, dtype, bias, reduction, "triton", chunk_size=3)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("chunk_size", [None, 1, 4, 64])
+def test_chunking_and_flat_input(chunk_size, impl):
+    check_linear("ranktuner", (11,), 24, 257, torch.float32, True, "mean", impl, chunk_size=chunk_size)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_float64_reference_is_exact(reduction):
+    h, w, b, target = make_head((3, 4), 8, 50, torch.float64, True)
+    for name in NAMES:
+        a = rk.linear_cross_entropy(h, w, target, linear_bias=b, weighting=name, reduction=reduction, chunk_size=5)
+        want = rk.cross_entropy(h @ w.T + b, target, name, reduction=reduction)
+        torch.testing.assert_close(a, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_weights_stats_and_num_items(impl):
+    g = torch.Generator().manual_seed(3)
+    kw = dict(token_weight=torch.rand(2, 5, generator=g).to(DEVICE),
+              sequence_weight=torch.rand(2, generator=g).to(DEVICE) + 0.5, num_items_in_batch=13)
+    check_linear("entropy_reg", (2, 5), 16, 300, torch.float32, True, "mean", impl, chunk_size=4, **kw)
+    h, w, b, target = make_head((2, 5), 16, 300, torch.float32, False)
+    _, st = rk.linear_cross_entropy(h, w, target, return_stats=True, impl=impl)
+    st_ref = rk.token_stats(h @ w.T, target)
+    assert torch.equal(st["rank"], st_ref["rank"]) and st["p_t"].shape == target.shape
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_only_some_parameters_need_grad(impl):
+    h, w, b, target = make_head((7,), 16, 100, torch.float32, True)
+    h.requires_grad_()
+    loss = rk.linear_cross_entropy(h, w, target, linear_bias=b, impl=impl, chunk_size=3)
+    loss.backward()
+    ref = h.detach().clone().requires_grad_()
+    rk.cross_entropy(ref @ w.T + b, target).backward()
+    torch.testing.assert_close(h.grad, ref.grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "call, exc, name",
+    [
+        (lambda h, w, y: rk.linear_cross_entropy(h, w[:, :-1], y), ValueError, "linear_weight"),
+        (lambda h, w, y: rk.linear_cross_entropy(h, w.double(), y), TypeError, "linear_weight"),
+        (lambda h, w, y: rk.linear_cross_entropy(h, w, y, linear_bias=torch.zeros(3)), ValueError, "linear_bias"),
+        (lambda h, w, y: rk.linear_cross_entropy(h, w, y[:-1]), ValueError, "target"),
+        (lambda h, w, y: rk.linear_cross_entropy(h, w, y + 1000), ValueError, "target"),
+        (lambda h, w, y: rk.linear_cross_entropy(h, w, y, chunk_size=0), ValueError, "chunk_size"),
+        (lambda h, w, y: rk.linear_cross_entropy(h.long(), w, y), TypeError, "input"),
+    ],
+)
+def test_bad_input(call, exc, name):
+    h, w, _, y = make_head((4,), 8, 20, torch.float32, False)
+    with pytest.raises(exc, match=name):
+        call(h, w, y)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["sft", "ranktuner", "talr", "eaft"])
+def test_gpu_large_head(name):
+    check_linear(name, (4, 256), 512, 32000, torch.bfloat16, False, "mean", "triton")
+
+
+@pytest.mark.gpu
+def test_gpu_memory_bound():
+    """Peak memory above the inputs stays within the documented formula."""
+    from ranktuner_kernels.linear_cross_entropy import CHUNK_BYTES
+
+    n, d, v = 4096, 1024, 65536
+    h, w, _, target = make_head((n,), d, v, torch.bfloat16, False)
+    h.requires_grad_(), w.requires_grad_()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    rk.linear_cross_entropy(h, w, target).backward()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    grads = n * d * 2 + v * d * 4 + v * d * 2
+    assert peak <= grads + CHUNK_BYTES + (32 << 20), (peak, grads)
+    assert peak < n * v * 2  # far below even one bf16 copy of the logits
