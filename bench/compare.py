@@ -1,0 +1,224 @@
+"""GPU comparison: our kernels against eager torch, torch.compile, Liger-Kernel, Cut
+Cross-Entropy and F.linear_cross_entropy, measured in one run.
+
+    python -m bench.compare --suite headline   # Qwen2.5-7B and Llama-3-8B heads, N = 8192
+    python -m bench.compare --suite sweep      # time and memory vs N and vs V, with plots
+
+Writes ``bench/results/<suite>.json`` (device, driver, versions, ceilings, every median) and
+``<suite>.md``; the sweep also writes PNG plots. Each result carries its fraction of the
+hardware floor: FLOPs at the measured matmul rate for the fused-linear path, bytes at the
+measured copy bandwidth for the logits path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+
+import torch
+
+from bench import common
+
+HEADS = {"qwen2.5-7b": (3584, 152064), "llama-3-8b": (4096, 128256)}
+ALL_WEIGHTINGS = ("sft", "dft", "ranktuner", "talr", "eaft", "overtone", "alpha_power", "threshold", "entropy_reg", "focal")
+
+
+def linear_floor_ms(n, d, v, ceil):
+    """6 N D V FLOPs (logits, dh, dW) at the measured bf16 matmul rate."""
+    return 6 * n * d * v / ceil["matmul_flops_per_s"] * 1e3
+
+
+def logits_floor_ms(n, v, itemsize, ceil):
+    """Read the logits twice and write the gradient once at the measured copy bandwidth."""
+    return 3 * n * v * itemsize / ceil["copy_bytes_per_s"] * 1e3
+
+
+def run_one(factory, inputs, params, reps, warmup):
+    try:
+        fn = factory(*inputs)
+        return common.measure(fn, params, reps=reps, warmup=warmup)
+    except torch.OutOfMemoryError:
+        return {"error": "out of memory"}
+    except ModuleNotFoundError as e:
+        return {"error": f"not installed: {e}"}
+    except Exception as e:  # noqa: BLE001 - a peer failing is a result, not a crash
+        return {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+    finally:
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def bench_linear(n, d, v, impls, ceil, reps, warmup, log):
+    h, w, y = common.make_linear_inputs(n, d, v)
+    h.requires_grad_(), w.requires_grad_()
+    mean_p = float(rk_token_p(h, w, y))
+    floor = linear_floor_ms(n, d, v, ceil)
+    rows = []
+    for name, factory in impls.items():
+        r = run_one(factory, (h, w, y), [h, w], reps, warmup)
+        r.update(kind="linear", impl=name, N=n, D=d, V=v, mean_p_t=mean_p, floor_ms=floor)
+        if "fwd_bwd_ms" in r:
+            r["x_floor"] = r["fwd_bwd_ms"] / floor
+        log(r)
+        rows.append(r)
+    del h, w, y
+    return rows
+
+
+def rk_token_p(h, w, y):
+    import ranktuner_kernels as rk
+
+    with torch.no_grad():
+        _, st = rk.linear_cross_entropy(h, w, y, weighting="sft", return_stats=True)
+    return st["p_t"].mean()
+
+
+def bench_logits(n, v, impls, ceil, reps, warmup, log):
+    z, y = common.make_logits(n, v)
+    z.requires_grad_()
+    floor = logits_floor_ms(n, v, z.element_size(), ceil)
+    with torch.no_grad():
+        mean_p = float(torch.softmax(z[:1024].float(), -1).gather(1, y[:1024, None]).mean())
+    rows = []
+    for name, factory in impls.items():
+        zz = z.detach().clone().requires_grad_() if "in place" in name or "inplace" in name else z
+        r = run_one(factory, (zz, y), [zz], reps, warmup)
+        r.update(kind="logits", impl=name, N=n, V=v, mean_p_t=mean_p, floor_ms=floor)
+        if "fwd_bwd_ms" in r:
+            r["x_floor"] = r["fwd_bwd_ms"] / floor
+        log(r)
+        rows.append(r)
+        del zz
+    del z, y
+    return rows
+
+
+def fmt_row(r):
+    if "error" in r:
+        return f"| {r['impl']} | {r['error']} | | | | |"
+    gib = r["peak_extra_bytes"] / 2**30
+    return (f"| {r['impl']} | {r['fwd_bwd_ms']:.1f} | {r['fwd_nograd_ms']:.1f} | {r['bwd_ms']:.1f} | "
+            f"{gib:.2f} | {r['x_floor']:.2f} |")
+
+
+def markdown(results):
+    env, ceil = results["environment"], results["ceilings"]
+    lines = [
+        f"Device: {env['device']} (driver {env.get('driver')}), torch {env['torch']}, Triton {env['triton']}, "
+        f"CUDA {env['cuda']}; Liger-Kernel {env.get('liger_kernel')}, Cut Cross-Entropy {env.get('cut_cross_entropy')}.",
+        f"Measured ceilings: copy {ceil['copy_bytes_per_s'] / 1e9:.0f} GB/s (read + write), "
+        f"bf16 matmul {ceil['matmul_flops_per_s'] / 1e12:.0f} TFLOP/s (8192^3).",
+        "",
+    ]
+    groups = {}
+    for r in results["rows"]:
+        key = (r["kind"], r["N"], r.get("D"), r["V"])
+        groups.setdefault(key, []).append(r)
+    for (kind, n, d, v), rows in groups.items():
+        shape = f"N={n}, D={d}, V={v}" if kind == "linear" else f"N={n}, V={v}"
+        floor = rows[0]["floor_ms"]
+        what = "6NDV at the matmul rate" if kind == "linear" else "2 reads + 1 write of the logits at copy bandwidth"
+        lines += [
+            f"**{kind}**, {shape}, bf16, mean p_t {rows[0]['mean_p_t']:.2f}; floor {floor:.1f} ms ({what})",
+            "",
+            "| implementation | fwd+bwd ms | fwd (no grad) ms | bwd ms | peak extra GiB | x floor |",
+            "|---|---|---|---|---|---|",
+            *[fmt_row(r) for r in rows],
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def plots(results, out_dir):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in results["rows"] if "fwd_bwd_ms" in r]
+    for kind in ("linear", "logits"):
+        for axis, fixed in (("N", "V"), ("V", "N")):
+            sel = [r for r in rows if r["kind"] == kind and r.get("sweep") == axis]
+            if not sel:
+                continue
+            fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(12, 4.5))
+            for impl in dict.fromkeys(r["impl"] for r in sel):
+                pts = sorted((r[axis], r["fwd_bwd_ms"], r["peak_extra_bytes"] / 2**30) for r in sel if r["impl"] == impl)
+                xs = [p[0] for p in pts]
+                ax_t.plot(xs, [p[1] for p in pts], marker="o", label=impl)
+                ax_m.plot(xs, [p[2] for p in pts], marker="o", label=impl)
+            floor = sorted((r[axis], r["floor_ms"]) for r in sel if r["impl"] == sel[0]["impl"])
+            ax_t.plot([p[0] for p in floor], [p[1] for p in floor], "k--", label="floor")
+            for ax, label in ((ax_t, "forward+backward ms"), (ax_m, "peak memory above inputs, GiB")):
+                ax.set_xscale("log", base=2)
+                ax.set_yscale("log")
+                ax.set_xlabel(axis)
+                ax.set_ylabel(label)
+                ax.grid(True, alpha=0.3)
+            fixed_val = sel[0][fixed]
+            fig.suptitle(f"{kind} path vs {axis} ({fixed}={fixed_val}, bf16, {results['environment']['device']})")
+            ax_t.legend(fontsize=7)
+            fig.tight_layout()
+            fig.savefig(os.path.join(out_dir, f"sweep_{kind}_vs_{axis}.png"), dpi=110)
+            plt.close(fig)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--suite", choices=("headline", "sweep"), default="headline")
+    ap.add_argument("--all-weightings", action="store_true", help="every weighting, not only sft and ranktuner")
+    ap.add_argument("--heads", default="qwen2.5-7b,llama-3-8b")
+    ap.add_argument("--tokens", type=int, default=8192)
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--no-logits", action="store_true")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("bench.compare needs a CUDA GPU; on CPU run `pytest bench/ --benchmark-only`")
+    os.makedirs(args.out, exist_ok=True)
+    ceil = common.ceilings()
+    results = {"suite": args.suite, "environment": common.environment(), "ceilings": ceil, "rows": []}
+
+    def log(r):
+        shown = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items() if k != "fwd_bwd_all_ms"}
+        print(json.dumps(shown), flush=True)
+
+    weightings = ALL_WEIGHTINGS if args.all_weightings else ("sft", "ranktuner")
+    if args.suite == "headline":
+        for head in args.heads.split(","):
+            d, v = HEADS[head]
+            results["rows"] += bench_linear(args.tokens, d, v, common.linear_impls(weightings), ceil, args.reps, args.warmup, log)
+            if not args.no_logits:
+                results["rows"] += bench_logits(args.tokens, v, common.logits_impls(weightings), ceil, args.reps, args.warmup, log)
+    else:
+        d, v0 = HEADS["llama-3-8b"]
+        keep = ("rk.", "eager h@W.T + F.cross_entropy", "liger", "cut cross", "F.linear", "eager naive", "F.cross_entropy (fp32")
+        lin = {k: f for k, f in common.linear_impls(weightings).items() if k.startswith(keep)}
+        lg = {k: f for k, f in common.logits_impls(weightings).items() if k.startswith(keep)}
+        for n in (1024, 2048, 4096, 8192, 16384, 32768):
+            for r in bench_linear(n, d, v0, lin, ceil, args.reps, args.warmup, log):
+                results["rows"].append({**r, "sweep": "N"})
+            for r in bench_logits(n, v0, lg, ceil, args.reps, args.warmup, log):
+                results["rows"].append({**r, "sweep": "N"})
+        for v in (32768, 65536, 131072, 262144):
+            for r in bench_linear(8192, d, v, lin, ceil, args.reps, args.warmup, log):
+                results["rows"].append({**r, "sweep": "V"})
+            for r in bench_logits(8192, v, lg, ceil, args.reps, args.warmup, log):
+                results["rows"].append({**r, "sweep": "V"})
+    path = os.path.join(args.out, f"{args.suite}.json")
+    with open(path, "w") as f:
+        json.dump(results, f, indent=1)
+    md = markdown(results)
+    with open(os.path.join(args.out, f"{args.suite}.md"), "w") as f:
+        f.write(md + "\n")
+    if args.suite == "sweep":
+        plots(results, args.out)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
