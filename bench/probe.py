@@ -1,29 +1,48 @@
 """Quick GPU probe: our fused-linear and logits paths at the headline shape, for a few
-chunk sizes (the knob behind CHUNK_BYTES). Prints medians; used to pick the default."""
+chunk sizes (``CHUNK_BYTES``), and a kernel-by-kernel profile of one forward+backward.
+
+    python -m bench.probe [CHUNK_MiB ...]
+"""
 
 import sys
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 import ranktuner_kernels as rk
-import ranktuner_kernels.linear_cross_entropy as lce
+import ranktuner_kernels.linear_loss as lce
 from bench import common
+
+
+def kernel_profile(fn, params, title, rows=14):
+    for p in params:
+        p.grad = None
+    fn().backward()
+    torch.cuda.synchronize()
+    for p in params:
+        p.grad = None
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn().backward()
+        torch.cuda.synchronize()
+    print(f"--- {title}")
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=rows, max_name_column_width=70))
 
 
 def main():
     n, d, v = 8192, 3584, 152064
     ceil = common.ceilings()
-    print({k: round(x / 1e12, 1) if "per_s" in k else round(x, 3) for k, x in ceil.items()})
+    print({k: round(x / 1e12, 2) if "per_s" in k else round(x, 3) for k, x in ceil.items()})
     h, w, y = common.make_linear_inputs(n, d, v)
     h.requires_grad_(), w.requires_grad_()
     floor = 6 * n * d * v / ceil["matmul_flops_per_s"] * 1e3
-    for mib in map(int, sys.argv[1:] or ["256", "512", "1024", "2048"]):
+    for mib in map(int, sys.argv[1:] or ["256", "1024"]):
         lce.CHUNK_BYTES = mib << 20
         for name in ("sft", "ranktuner"):
             r = common.measure(lambda: rk.linear_cross_entropy(h, w, y, weighting=name), [h, w], reps=5, warmup=2)
             print(f"linear {name:10s} chunk {mib:5d} MiB: fwd+bwd {r['fwd_bwd_ms']:.1f} ms "
                   f"({r['fwd_bwd_ms'] / floor:.2f} x floor {floor:.1f}), peak extra {r['peak_extra_bytes'] / 2**30:.2f} GiB, "
                   f"grads {r['grad_bytes'] / 2**30:.2f} GiB", flush=True)
+        kernel_profile(lambda: rk.linear_cross_entropy(h, w, y, weighting="ranktuner"), [h, w], f"linear ranktuner, chunk {mib} MiB")
     print("addmm out_dtype path:", lce._OUT_DTYPE_MM)
     del h, w
     z, y = common.make_logits(n, v)
@@ -33,6 +52,7 @@ def main():
         r = common.measure(lambda: rk.cross_entropy(z, y, name), [z], reps=10)
         print(f"logits {name}: fwd+bwd {r['fwd_bwd_ms']:.2f} ms ({r['fwd_bwd_ms'] / floor:.2f} x floor {floor:.2f}), "
               f"fwd {r['fwd_nograd_ms']:.2f}, bwd {r['bwd_ms']:.2f}, peak extra {r['peak_extra_bytes'] / 2**30:.2f} GiB")
+    kernel_profile(lambda: rk.cross_entropy(z, y, "ranktuner"), [z], "logits ranktuner")
 
 
 if __name__ == "__main__":

@@ -47,8 +47,8 @@ if _extra_locations:
     sys.meta_path.append(_CheckoutFinder())
 
 from . import objectives  # noqa: E402
-from .cross_entropy import cross_entropy, token_stats  # noqa: E402
-from .linear_cross_entropy import linear_cross_entropy  # noqa: E402
+from .token_loss import cross_entropy, token_stats  # noqa: E402
+from .linear_loss import linear_cross_entropy  # noqa: E402
 from .modules import LinearTokenReweightedLoss, TokenReweightedLoss  # noqa: E402
 from .objectives import (  # noqa: E402
     DFT,

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .cross_entropy import cross_entropy
-from .linear_cross_entropy import linear_cross_entropy
+from .token_loss import cross_entropy
+from .linear_loss import linear_cross_entropy
 from .objectives import resolve
 
 

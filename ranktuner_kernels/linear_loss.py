@@ -31,7 +31,7 @@ import torch
 from . import _inputs
 from ._backend import get_backend
 from ._epilogue import reduce, token_terms, upstream
-from .cross_entropy import stats_dict
+from .token_loss import stats_dict
 from .objectives import RowStats, resolve
 
 #: Bytes of logits held at once by default (see the module docstring).
