@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from ranktuner_kernels import reference
+from ranktuner_kernels import _epilogue, reference
 
 #: Logit dtypes the Triton kernels accept; the reference also takes float64.
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -68,6 +68,18 @@ class Backend:
 
     def topk_entropy(self, logits, target, k, ignore_index):
         return reference.topk_entropy(logits, target, k, ignore_index)
+
+    def token_terms(self, logits, target, ignore_index, objective, keep, shape, scale):
+        """``(stats, value, w, beta)`` of every row of ``[B, T, V]`` logits (``beta`` None
+        where the objective has no entropy term). The Triton backend evaluates row-local
+        objectives inside the statistics kernel; otherwise the torch epilogue runs on the stats."""
+        if self.name == "triton" and objective.kernel_spec() is not None:
+            s = None if scale is None else scale.float().contiguous()
+            stats, (value, w, beta) = self._impl.row_stats(logits, target, ignore_index, objective=objective, scale=s)
+            return stats, value, w, beta if objective.has_entropy_term else None
+        stats = self.row_stats(logits, target, ignore_index)
+        topk = self.topk_entropy(logits, target, objective.k, ignore_index) if objective.needs_topk else None
+        return (stats, *_epilogue.token_terms(objective, stats, keep, shape, scale, topk))
 
 
 def get_backend(impl: str, tensor: torch.Tensor) -> Backend:

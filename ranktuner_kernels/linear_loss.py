@@ -15,12 +15,14 @@ scales the stored gradients by the upstream gradient. Batch-level objectives (TA
 ``reduction="none"`` keep the O(N) statistics and recompute the logits chunk by chunk in
 backward (8 N D V FLOPs).
 
-Chunk rule: ``C = chunk_size`` if given, else ``max(1, CHUNK_BYTES // (V * itemsize))``
-(256 MiB of logits at the input dtype). Peak memory above the inputs is
+Chunk rule (:func:`chunk_rows`): ``C = chunk_size`` if given; else as many rows as fit in
+``max(CHUNK_BYTES, V * D * itemsize)`` bytes of logits (256 MiB, or the size of the weight
+gradient when it is formed, whose final cast needs that much anyway), balanced into equal
+chunks. Peak memory above the inputs is
 
-    C * V * itemsize                                the logits chunk (reused for its gradient)
-  + N * D * itemsize + V * D * 4 (+ V * 4)          dh and the float32 dW (db) accumulators
-  + V * D * itemsize                                dW cast to the weight's dtype (bf16/fp16)
+    N * D * itemsize + V * D * 4 (+ V * 4)          dh and the float32 dW (db) accumulators
+  + max(C * V * itemsize,                           the logits chunk (reused for its gradient),
+        V * D * itemsize)                           or dW cast to the weight's dtype at the end
   + O(N + C) statistics
 """
 
@@ -38,35 +40,45 @@ from .objectives import RowStats, resolve
 CHUNK_BYTES = 256 << 20
 
 
-def chunk_rows(n: int, v: int, itemsize: int, chunk_size: int | None) -> int:
+def chunk_rows(n: int, v: int, d: int, itemsize: int, chunk_size: int | None, weight_grad: bool) -> int:
+    """Rows per chunk: ``chunk_size``, or as many as fit in ``max(CHUNK_BYTES, V*D*itemsize)``
+    bytes of logits (the second term where the weight gradient is formed: its final cast to the
+    weight's dtype needs that much memory anyway), balanced so the chunks are of equal size."""
     if chunk_size is not None:
         if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
             raise ValueError(f"chunk_size: expected an int >= 1, got {chunk_size!r}")
         return min(chunk_size, max(n, 1))
-    return max(1, min(max(n, 1), CHUNK_BYTES // (v * itemsize)))
+    budget = max(CHUNK_BYTES, v * d * itemsize) if weight_grad else CHUNK_BYTES
+    rows_max = max(1, budget // (v * itemsize))
+    n_chunks = -(-max(n, 1) // rows_max)
+    return -(-max(n, 1) // n_chunks)
 
 
 _OUT_DTYPE_MM = {}
 
 
-def addmm_f32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> None:
-    """``acc += a @ b`` with ``acc`` float32 (or float64) whatever ``a``/``b``'s dtype.
+def mm_into_f32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool) -> None:
+    """``acc (+)= a @ b`` with ``acc`` float32 (or float64) whatever ``a``/``b``'s dtype.
 
-    On CUDA, bf16/fp16 operands use cuBLAS with a float32 output (``out_dtype``) so the
-    chunk's product is never rounded to 16 bits before it is accumulated.
+    On CUDA, bf16/fp16 operands go through cuBLAS with a float32 output (``out_dtype``), so a
+    chunk's product is never rounded to 16 bits before it is accumulated; ``accumulate=False``
+    overwrites ``acc`` (no zero-fill, no read of the accumulator).
     """
     if a.dtype == acc.dtype:
-        acc.addmm_(a, b)
+        torch.addmm(acc, a, b, out=acc) if accumulate else torch.mm(a, b, out=acc)
         return
     key = (a.device.type, a.dtype)
     if _OUT_DTYPE_MM.get(key, True):
         try:
-            torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+            if accumulate:
+                torch.addmm(acc, a, b, out_dtype=acc.dtype, out=acc)
+            else:
+                torch.mm(a, b, out_dtype=acc.dtype, out=acc)
             _OUT_DTYPE_MM[key] = True
             return
         except (RuntimeError, TypeError, NotImplementedError):
             _OUT_DTYPE_MM[key] = False
-    acc.addmm_(a.to(acc.dtype), b.to(acc.dtype))
+    mm_into_f32(acc, a.to(acc.dtype), b.to(acc.dtype), accumulate)
 
 
 class _Run:
@@ -84,25 +96,36 @@ def _logits(h_c, weight, bias):
 
 
 class _Grads:
-    """dh (input dtype), and float32 accumulators for dW and db."""
+    """dh (input dtype), and float32 accumulators for dW and db, filled chunk by chunk."""
 
     def __init__(self, h, weight, bias, needs):
         acc = torch.float64 if h.dtype == torch.float64 else torch.float32
         self.dh = torch.empty_like(h) if needs[0] else None
-        self.dw = torch.zeros(weight.shape, dtype=acc, device=h.device) if needs[1] else None
-        self.db = torch.zeros(weight.shape[0], dtype=acc, device=h.device) if needs[2] else None
+        self.dw = torch.empty(weight.shape, dtype=acc, device=h.device) if needs[1] else None
+        self.db = torch.empty(weight.shape[0], dtype=acc, device=h.device) if needs[2] else None
+        self.started = False
 
     def add_chunk(self, start, dz, h_c, weight):
         """Fold the ``[C, V]`` logits gradient of rows ``start:start+C`` into the buffers."""
         if self.dh is not None:
             torch.mm(dz, weight, out=self.dh[start : start + dz.shape[0]])
         if self.dw is not None:
-            addmm_f32(self.dw, dz.t(), h_c)
+            mm_into_f32(self.dw, dz.t(), h_c, accumulate=self.started)
         if self.db is not None:
-            self.db += dz.sum(0, dtype=self.db.dtype)
+            db = dz.sum(0, dtype=self.db.dtype)
+            self.db.add_(db) if self.started else self.db.copy_(db)
+        self.started = True
 
     def final(self, h, weight, bias):
-        cast = lambda t, like: None if t is None else t.to(like.dtype)  # noqa: E731
+        """``(dh, dW, db)`` in the parameters' dtypes (zeros where no row was processed)."""
+        if not self.started:
+            for t in (self.dh, self.dw, self.db):
+                if t is not None:
+                    t.zero_()
+
+        def cast(t, like):
+            return None if t is None else t.to(like.dtype)
+
         return self.dh, cast(self.dw, weight), cast(self.db, bias)
 
 
@@ -127,22 +150,20 @@ class LinearTokenLossFunction(torch.autograd.Function):
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
         one_sweep = not obj.batch_level and run.reduction != "none" and any(needs)
         grads = _Grads(h, weight, bias, needs) if one_sweep else None
-        topk_all = torch.zeros(n, dtype=acc, device=h.device) if obj.needs_topk else None
 
         for start in range(0, n, run.rows):
             stop = min(n, start + run.rows)
             h_c, t_c, keep_c = h[start:stop], target[start:stop], keep[start:stop]
             logits = _logits(h_c, weight, bias)[None]
-            stats = run.backend.row_stats(logits, t_c, ii)
-            for buf, s in zip(stat_bufs, stats):
-                buf[start:stop] = s
-            if obj.needs_topk:
-                topk_all[start:stop] = run.backend.topk_entropy(logits, t_c, obj.k, ii)
-            if obj.batch_level:
+            if obj.batch_level:  # the epilogue needs every row's statistics: after the sweep
+                stats = run.backend.row_stats(logits, t_c, ii)
+                for buf, s in zip(stat_bufs, stats):
+                    buf[start:stop] = s
                 continue
             sc = None if scale is None else scale[start:stop]
-            topk = None if topk_all is None else topk_all[start:stop]
-            v_c, w_c, b_c = token_terms(obj, stats, keep_c, (stop - start,), sc, topk)
+            stats, v_c, w_c, b_c = run.backend.token_terms(logits, t_c, ii, obj, keep_c, (stop - start,), sc)
+            for buf, s in zip(stat_bufs, stats):
+                buf[start:stop] = s
             value[start:stop], w_all[start:stop] = v_c, w_c
             if b_c is not None:
                 if beta_all is None:
@@ -157,7 +178,7 @@ class LinearTokenLossFunction(torch.autograd.Function):
 
         stats = RowStats(*stat_bufs)
         if obj.batch_level:
-            value, w_all, beta_all = token_terms(obj, stats, keep, run.shape, scale, topk_all)
+            value, w_all, beta_all = token_terms(obj, stats, keep, run.shape, scale)
         loss = reduce(value, run.reduction, norm, run.shape).to(h.dtype)
         ctx.run, ctx.one_sweep = run, one_sweep
         if one_sweep:
@@ -251,7 +272,8 @@ def linear_cross_entropy(
     flat_target = _inputs.check_target(target, shape, v_size, ignore_index, input, "input")
     scale = _inputs.caller_scale(token_weight, sequence_weight, shape, input)
     h = input.reshape(-1, input.shape[-1])
-    rows = chunk_rows(h.shape[0], v_size, input.element_size(), chunk_size)
+    weight_grad = torch.is_grad_enabled() and linear_weight.requires_grad
+    rows = chunk_rows(h.shape[0], v_size, h.shape[1], input.element_size(), chunk_size, weight_grad)
     run = _Run(objective, ignore_index, reduction, shape, get_backend(impl, input), rows)
     loss, *extras = LinearTokenLossFunction.apply(h, linear_weight, linear_bias, flat_target, scale, num_items_in_batch, run)
     if return_stats:

@@ -66,6 +66,10 @@ class Coefficients(NamedTuple):
     beta: Optional[torch.Tensor]  # None where the objective has no entropy term
 
 
+#: Objectives whose epilogue the statistics kernel evaluates in registers (index = kernel id).
+KERNEL_OBJECTIVES = ("stats_only", "sft", "dft", "ranktuner", "overtone", "alpha_power", "threshold", "entropy_reg", "focal")
+
+
 class Objective:
     """Base class. Subclasses are frozen dataclasses of their options."""
 
@@ -74,12 +78,25 @@ class Objective:
     needs_topk = False
     #: w depends on other tokens of the batch (TALR's median): the gradient needs a second sweep
     batch_level = False
+    #: beta != 0 (the gradient has an entropy term)
+    has_entropy_term = False
 
     def validate(self) -> None:
         pass
 
     def coefficients(self, stats: RowStats, batch: Batch) -> Coefficients:
         raise NotImplementedError
+
+    def kernel_options(self) -> tuple:
+        """``(OPT, P0, P1)``: an integer code of discrete options and two float options."""
+        return 0, 0.0, 0.0
+
+    def kernel_spec(self):
+        """``(id, OPT, P0, P1)`` for the fused epilogue of the statistics kernel, or None where
+        the epilogue needs more than the row's own statistics (TALR's median, EAFT's top-K)."""
+        if self.name not in KERNEL_OBJECTIVES:
+            return None
+        return (KERNEL_OBJECTIVES.index(self.name), *self.kernel_options())
 
     def __post_init__(self):
         self.validate()
@@ -146,6 +163,16 @@ class RankTuner(Objective):
         _check_choice(self, "ablation", (None, "no_prob", "no_entropy"))
         if self.clamp_min is not None:
             _check_positive(self, "clamp_min")
+
+    def kernel_options(self):
+        opt = (
+            (self.w0 == "one")
+            | ("max", "arith", "geo", "log").index(self.xi) << 1
+            | (self.k == "cmvt") << 3
+            | (None, "no_prob", "no_entropy").index(self.ablation) << 4
+            | (self.clamp_min is not None) << 6
+        )
+        return opt, math.log(self.clamp_min) if self.clamp_min is not None else 0.0, 0.0
 
     def relative_scale_terms(self, stats: RowStats):
         """``(log s(H), xi, K)`` per token."""
@@ -251,6 +278,9 @@ class OverTone(Objective):
         if not isinstance(self.lam, (int, float)) or not math.isfinite(self.lam) or self.lam < 0:
             raise ValueError(f"OverTone: lam must be a finite number >= 0, got {self.lam!r}")
 
+    def kernel_options(self):
+        return 0, float(self.lam), 0.0
+
     def coefficients(self, stats, batch):
         is_max = stats.target_logit >= stats.max_logit
         return _nll_weighted(stats, torch.where(is_max, self.lam, 1.0).to(stats.logp_t.dtype))
@@ -265,6 +295,9 @@ class AlphaPower(Objective):
 
     def validate(self):
         _check_positive(self, "alpha")
+
+    def kernel_options(self):
+        return 0, float(self.alpha), 0.0
 
     def coefficients(self, stats, batch):
         w = (self.alpha * stats.logp_t).exp()
@@ -287,6 +320,9 @@ class Threshold(Objective):
         if self.low > self.high:
             raise ValueError(f"Threshold: low ({self.low}) must be <= high ({self.high})")
 
+    def kernel_options(self):
+        return 0, float(self.low), float(self.high)
+
     def coefficients(self, stats, batch):
         p = stats.logp_t.exp()
         return _nll_weighted(stats, ((p >= self.low) & (p <= self.high)).to(p.dtype))
@@ -298,10 +334,14 @@ class EntropyReg(Objective):
 
     alpha: float = 0.02
     name = "entropy_reg"
+    has_entropy_term = True
 
     def validate(self):
         if not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha):
             raise ValueError(f"EntropyReg: alpha must be a finite number, got {self.alpha!r}")
+
+    def kernel_options(self):
+        return 0, float(self.alpha), 0.0
 
     def coefficients(self, stats, batch):
         w = torch.ones_like(stats.logp_t)
@@ -318,6 +358,9 @@ class Focal(Objective):
     def validate(self):
         if not isinstance(self.gamma, (int, float)) or not math.isfinite(self.gamma) or self.gamma < 0:
             raise ValueError(f"Focal: gamma must be a finite number >= 0, got {self.gamma!r}")
+
+    def kernel_options(self):
+        return 0, float(self.gamma), 0.0
 
     def coefficients(self, stats, batch):
         logp = stats.logp_t

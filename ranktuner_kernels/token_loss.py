@@ -13,7 +13,7 @@ import torch
 
 from . import _inputs
 from ._backend import get_backend
-from ._epilogue import reduce, token_terms, upstream
+from ._epilogue import reduce, upstream
 from .objectives import LN2, resolve
 
 
@@ -37,11 +37,7 @@ class TokenLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, scale, num_items, run: _Run):
         keep = target != run.ignore_index
-        stats = run.backend.row_stats(logits, target, run.ignore_index)
-        topk = None
-        if run.objective.needs_topk:
-            topk = run.backend.topk_entropy(logits, target, run.objective.k, run.ignore_index)
-        value, w, beta = token_terms(run.objective, stats, keep, run.shape, scale, topk)
+        stats, value, w, beta = run.backend.token_terms(logits, target, run.ignore_index, run.objective, keep, run.shape, scale)
         norm = _inputs.normaliser(run.reduction, keep, num_items, value.dtype)
         loss = reduce(value, run.reduction, norm, run.shape).to(logits.dtype)  # as F.cross_entropy
         ctx.save_for_backward(logits, target, stats.lse, stats.entropy, w, beta, norm)
