@@ -1,7 +1,8 @@
 """Quick GPU probe: our fused-linear and logits paths at the headline shape, for a few
 chunk sizes (``CHUNK_BYTES``), and a kernel-by-kernel profile of one forward+backward.
 
-    python -m bench.probe [CHUNK_MiB ...]
+    python -m bench.probe [CHUNK_MiB ...]        # 0 alone: the logits path only
+    RANKTUNER_AUTOTUNE=1 python -m bench.probe 0  # and print the autotuner's choices
 """
 
 import sys
@@ -35,7 +36,7 @@ def main():
     h, w, y = common.make_linear_inputs(n, d, v)
     h.requires_grad_(), w.requires_grad_()
     floor = 6 * n * d * v / ceil["matmul_flops_per_s"] * 1e3
-    for mib in map(int, sys.argv[1:] or ["256", "1024"]):
+    for mib in [m for m in map(int, sys.argv[1:] or ["256", "1024"]) if m > 0]:
         lce.CHUNK_BYTES = mib << 20
         for name in ("sft", "ranktuner"):
             r = common.measure(lambda: rk.linear_cross_entropy(h, w, y, weighting=name), [h, w], reps=5, warmup=2)
@@ -52,7 +53,10 @@ def main():
         r = common.measure(lambda: rk.cross_entropy(z, y, name), [z], reps=10)
         print(f"logits {name}: fwd+bwd {r['fwd_bwd_ms']:.2f} ms ({r['fwd_bwd_ms'] / floor:.2f} x floor {floor:.2f}), "
               f"fwd {r['fwd_nograd_ms']:.2f}, bwd {r['bwd_ms']:.2f}, peak extra {r['peak_extra_bytes'] / 2**30:.2f} GiB")
-    kernel_profile(lambda: rk.cross_entropy(z, y, "ranktuner"), [z], "logits ranktuner")
+    kernel_profile(lambda: rk.cross_entropy(z, y, "ranktuner"), [z], "logits ranktuner", rows=4)
+    for mod in ("row_stats", "row_grad"):
+        tuner = getattr(sys.modules[f"ranktuner_kernels.kernels.{mod}"], f"_{mod}_autotuned")
+        print(mod, "autotuned best:", getattr(tuner, "best_config", None), getattr(tuner, "cache", None))
 
 
 if __name__ == "__main__":

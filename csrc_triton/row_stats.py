@@ -1,9 +1,10 @@
 """Row statistics in one streaming pass over the vocabulary, with the objective's epilogue.
 
 For each row ``z`` (``V`` logits, any float dtype, accumulated in float32) and target ``y``:
-the running max ``m`` (one block reduction per tile), and per-lane accumulators, reduced once
-at the end of the row, of ``s = sum exp(z - m)``, ``a = sum exp(z - m)(z - m)`` (both rescaled
-when ``m`` grows) and ``r = #{z_i >= z_y}``; then ``lse = m + log s``, ``H = log s - a / s``.
+online max ``m``, rescaled sum ``s = sum exp(z - m)``, rescaled entropy sum
+``a = sum exp(z - m)(z - m)`` and rank count ``r = #{z_i >= z_y}``, one tile at a time; then
+``lse = m + log s`` and ``H = log s - a / s``. (Per-lane accumulators reduced once per row
+measured slower on an H100: 1.98 vs 1.25 ms at N=8192, V=152064.)
 
 Where the objective needs only the row's own statistics (every one but TALR and EAFT), its
 epilogue (``epilogue.token_terms``) runs in registers too and writes ``value``, ``w`` and
@@ -39,10 +40,10 @@ def _row_stats_kernel(
     zy = tl.load(base + tl.where(keep, y, 0)).to(tl.float32)  # column 0 always exists
 
     v_live = tl.where(keep, V, 0)  # ignored rows load nothing
-    m = float("-inf")  # running max (scalar)
-    s = tl.zeros([BLOCK_V], dtype=tl.float32)  # per lane: sum exp(z - m)
-    a = tl.zeros([BLOCK_V], dtype=tl.float32)  # per lane: sum exp(z - m) * (z - m)
-    r = tl.zeros([BLOCK_V], dtype=tl.int32)  # per lane: #{z_i >= z_y}
+    m = float("-inf")  # running max
+    s = 0.0  # sum exp(z - m)
+    a = 0.0  # sum exp(z - m) * (z - m)
+    r = 0  # #{z_i >= z_y}
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         mask = cols < v_live
@@ -52,16 +53,16 @@ def _row_stats_kernel(
         shift = tl.where(m == float("-inf"), 0.0, m - m_ref)  # s = a = 0 while m = -inf
         alpha = tl.exp(shift)
         e = tl.exp(z - m_ref)
-        a = (a + shift * s) * alpha + tl.where(e > 0, e * (z - m_ref), 0.0)
-        s = s * alpha + e
-        r += ((z >= zy) & mask).to(tl.int32)
+        a = (a + shift * s) * alpha + tl.sum(tl.where(e > 0, e * (z - m_ref), 0.0), axis=0)
+        s = s * alpha + tl.sum(e, axis=0)
+        r += tl.sum(((z >= zy) & mask).to(tl.int32), axis=0)
         m = m_new
 
-    s_tot = tl.where(keep, tl.sum(s, axis=0), 1.0)  # ignored rows: no log(0) (outputs zeroed)
-    log_s = tl.log(s_tot)
+    s = tl.where(keep, s, 1.0)  # ignored rows: no log(0) (their outputs are zeroed)
+    log_s = tl.log(s)
     lse = m + log_s
-    ent = log_s - tl.sum(a, axis=0) / s_tot
-    rank = tl.sum(r, axis=0)
+    ent = log_s - a / s
+    rank = r
     tl.store(lse_ptr + row, tl.where(keep, lse, 0.0))
     tl.store(zy_ptr + row, tl.where(keep, zy, 0.0))
     tl.store(max_ptr + row, tl.where(keep, m, 0.0))
