@@ -62,5 +62,5 @@ def row_grad(logits, target, lse, entropy, gw, gb, ignore_index, out):
     if AUTOTUNE:
         _row_grad_autotuned[(n,)](*args)
     else:
-        _row_grad_kernel[(n,)](*args, **fixed_config(v_size))
+        _row_grad_kernel[(n,)](*args, **fixed_config(v_size, full_tile_warps=16))
     return out

@@ -37,7 +37,8 @@ def _row_stats_kernel(
     base = logits_ptr + (row // T) * stride_b + (row % T) * stride_t
     y = tl.load(target_ptr + row)
     keep = y != ignore_index
-    zy = tl.load(base + tl.where(keep, y, 0)).to(tl.float32)  # column 0 always exists
+    # column 0 always exists; an out-of-range target (reported by the caller) reads it too
+    zy = tl.load(base + tl.where(keep & (y >= 0) & (y < V), y, 0)).to(tl.float32)
 
     v_live = tl.where(keep, V, 0)  # ignored rows load nothing
     m = float("-inf")  # running max

@@ -25,7 +25,8 @@ def check_same_device(name: str, t: torch.Tensor, ref: torch.Tensor, ref_name: s
 
 
 def check_target(target, lead_shape: tuple, v_size: int, ignore_index: int, like: torch.Tensor, like_name: str):
-    """Returns the flat int64 targets ``[N]``."""
+    """Shape, dtype and device checks; returns the flat int64 targets ``[N]`` (the value range
+    is checked by :func:`check_target_range`)."""
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"target: expected a torch.Tensor, got {type(target).__name__}")
     if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
@@ -35,12 +36,17 @@ def check_target(target, lead_shape: tuple, v_size: int, ignore_index: int, like
     check_same_device("target", target, like, like_name)
     if not isinstance(ignore_index, numbers.Integral):
         raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
-    flat = target.reshape(-1).long()
+    return target.reshape(-1).long().contiguous()
+
+
+def check_target_range(flat: torch.Tensor, v_size: int, ignore_index: int) -> None:
+    """Targets must lie in ``[0, V)`` or equal ``ignore_index``. Reads one flag back from the
+    device (a synchronisation): the Triton paths call it after queueing their kernels, which
+    clamp the index they load, so the check waits for work that was queued anyway."""
     bad = (flat != ignore_index) & ((flat < 0) | (flat >= v_size))
     if bool(bad.any()):
         value = int(flat[bad][0])
         raise ValueError(f"target: value {value} is outside [0, {v_size}) and is not ignore_index ({ignore_index})")
-    return flat.contiguous()
 
 
 def check_reduction(reduction: str) -> None:

@@ -274,6 +274,7 @@ def linear_cross_entropy(
     h = input.reshape(-1, input.shape[-1])
     weight_grad = torch.is_grad_enabled() and linear_weight.requires_grad
     rows = chunk_rows(h.shape[0], v_size, h.shape[1], input.element_size(), chunk_size, weight_grad)
+    _inputs.check_target_range(flat_target, v_size, ignore_index)  # once, before 6NDV FLOPs of work
     run = _Run(objective, ignore_index, reduction, shape, get_backend(impl, input), rows)
     loss, *extras = LinearTokenLossFunction.apply(h, linear_weight, linear_bias, flat_target, scale, num_items_in_batch, run)
     if return_stats:

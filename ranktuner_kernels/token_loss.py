@@ -131,8 +131,13 @@ def cross_entropy(
     shape = tuple(input.shape[:-1])
     flat_target = _inputs.check_target(target, shape, input.shape[-1], ignore_index, input, "input")
     scale = _inputs.caller_scale(token_weight, sequence_weight, shape, input)
-    run = _Run(objective, ignore_index, reduction, shape, get_backend(impl, input), inplace_backward)
+    backend = get_backend(impl, input)
+    if backend.name == "reference":
+        _inputs.check_target_range(flat_target, input.shape[-1], ignore_index)
+    run = _Run(objective, ignore_index, reduction, shape, backend, inplace_backward)
     loss, *extras = TokenLossFunction.apply(logits, flat_target, scale, num_items_in_batch, run)
+    if backend.name == "triton":  # after the kernels are queued: the check waits on them
+        _inputs.check_target_range(flat_target, input.shape[-1], ignore_index)
     if return_stats:
         return loss, stats_dict(shape, *extras)
     return loss
@@ -145,6 +150,11 @@ def token_stats(input: torch.Tensor, target: torch.Tensor, *, ignore_index: int 
     logits = prepare_logits(input)
     shape = tuple(input.shape[:-1])
     flat_target = _inputs.check_target(target, shape, input.shape[-1], ignore_index, input, "input")
+    backend = get_backend(impl, input)
+    if backend.name == "reference":
+        _inputs.check_target_range(flat_target, input.shape[-1], ignore_index)
     with torch.no_grad():
-        stats = get_backend(impl, input).row_stats(logits, flat_target, ignore_index)
+        stats = backend.row_stats(logits, flat_target, ignore_index)
+    if backend.name == "triton":
+        _inputs.check_target_range(flat_target, input.shape[-1], ignore_index)
     return stats_dict(shape, None, *stats)

@@ -229,3 +229,16 @@ def test_compiled_training_step():
     torch.testing.assert_close(compiled, eager)
     for p, g in zip(model.parameters(), grads):
         torch.testing.assert_close(p.grad, g)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("bad", [9, -1, 1000])
+def test_out_of_range_targets_raise_on_every_path(impl, bad):
+    z, y = make_batch(2, 3, 9, torch.float32, DEVICE)
+    y[1, 2] = bad
+    with pytest.raises(ValueError, match="target: value"):
+        rk.cross_entropy(z, y, impl=impl)
+    with pytest.raises(ValueError, match="target: value"):
+        rk.token_stats(z, y, impl=impl)
+    with pytest.raises(ValueError, match="target: value"):
+        rk.linear_cross_entropy(torch.randn(2, 3, 4, device=DEVICE), torch.randn(9, 4, device=DEVICE), y, impl=impl)

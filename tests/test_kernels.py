@@ -126,7 +126,7 @@ def test_autotune_config_list_is_valid():
 
     for c in config.autotune_configs():
         assert c.kwargs["BLOCK_V"] & (c.kwargs["BLOCK_V"] - 1) == 0
-    assert config.fixed_config(257)["BLOCK_V"] == 512
+    assert config.fixed_config(257)["BLOCK_V"] == 512 and config.fixed_config(257, 16)["num_warps"] == 4
     assert config.fixed_config(152064)["BLOCK_V"] == config.BLOCK_V
 
 
