@@ -94,15 +94,18 @@ def compiled(fn):
     return _compiled[fn]
 
 
+#: The benchmarks' N tokens form SEQS sequences of N / SEQS tokens.
+SEQS = 8
+
 # ---- implementations ---------------------------------------------------------------------
 
 
 def linear_impls(weightings=("sft", "ranktuner")):
     """Fused-linear forward+backward implementations: name -> factory(h, w, y)."""
     impls = {}
-    for name in weightings:
+    for name in weightings:  # as [B, T] sequences (TALR's median is per sequence)
         impls[f"rk.linear_cross_entropy[{name}]"] = lambda h, w, y, name=name: (
-            lambda: rk.linear_cross_entropy(h, w, y, weighting=name))
+            lambda: rk.linear_cross_entropy(h.view(SEQS, -1, h.shape[-1]), w, y.view(SEQS, -1), weighting=name))
     impls["eager h@W.T + F.cross_entropy (fp32)"] = lambda h, w, y: (lambda: plain_ce(h @ w.T, y))
     impls["eager h@W.T + naive ranktuner"] = lambda h, w, y: (lambda: naive_ranktuner(h @ w.T, y))
     impls["eager h@W.T + rk reference[ranktuner]"] = lambda h, w, y: (
@@ -141,8 +144,9 @@ def _linear_ce(h, w, y):
 def logits_impls(weightings=("sft", "ranktuner")):
     """Logits-input forward+backward implementations: name -> factory(logits, y)."""
     impls = {}
-    for name in weightings:
-        impls[f"rk.cross_entropy[{name}]"] = lambda z, y, name=name: (lambda: rk.cross_entropy(z, y, name))
+    for name in weightings:  # as [B, T] sequences (TALR's median is per sequence)
+        impls[f"rk.cross_entropy[{name}]"] = lambda z, y, name=name: (
+            lambda: rk.cross_entropy(z.view(SEQS, -1, z.shape[-1]), y.view(SEQS, -1), name))
     impls["rk.cross_entropy[ranktuner, inplace_backward]"] = lambda z, y: (
         lambda: rk.cross_entropy(z, y, "ranktuner", inplace_backward=True))
     impls["F.cross_entropy (fp32 upcast)"] = lambda z, y: (lambda: plain_ce(z, y))
