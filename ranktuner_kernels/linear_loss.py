@@ -82,7 +82,8 @@ def mm_into_f32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate:
 
 
 class _Run:
-    def __init__(self, objective, ignore_index, reduction, shape, backend, rows):
+    def __init__(self, objective, ignore_index, reduction, shape, backend, rows, grad_enabled):
+        self.grad_enabled = grad_enabled  # ctx.needs_input_grad ignores torch.no_grad()
         self.objective = objective
         self.ignore_index = ignore_index
         self.reduction = reduction
@@ -147,7 +148,8 @@ class LinearTokenLossFunction(torch.autograd.Function):
         w_all = torch.zeros(n, dtype=acc, device=h.device)
         beta_all = None
         norm = _inputs.normaliser(run.reduction, keep, num_items, acc)
-        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
+        needs = tuple(run.grad_enabled and x for x in ctx.needs_input_grad[:3])
+        needs = (needs[0], needs[1], bias is not None and needs[2])
         one_sweep = not obj.batch_level and run.reduction != "none" and any(needs)
         grads = _Grads(h, weight, bias, needs) if one_sweep else None
 
@@ -275,7 +277,7 @@ def linear_cross_entropy(
     weight_grad = torch.is_grad_enabled() and linear_weight.requires_grad
     rows = chunk_rows(h.shape[0], v_size, h.shape[1], input.element_size(), chunk_size, weight_grad)
     _inputs.check_target_range(flat_target, v_size, ignore_index)  # once, before 6NDV FLOPs of work
-    run = _Run(objective, ignore_index, reduction, shape, get_backend(impl, input), rows)
+    run = _Run(objective, ignore_index, reduction, shape, get_backend(impl, input), rows, torch.is_grad_enabled())
     loss, *extras = LinearTokenLossFunction.apply(h, linear_weight, linear_bias, flat_target, scale, num_items_in_batch, run)
     if return_stats:
         return loss, stats_dict(shape, *extras)

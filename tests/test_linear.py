@@ -135,3 +135,18 @@ def test_gpu_memory_bound():
     grads = n * d * 2 + v * d * 4 + v * d * 2
     assert peak <= grads + CHUNK_BYTES + (32 << 20), (peak, grads)
     assert peak < n * v * 2  # far below even one bf16 copy of the logits
+
+
+def test_no_grad_forms_no_gradients(monkeypatch):
+    """Under torch.no_grad() the forward computes the loss only (ctx.needs_input_grad still
+    reports the inputs' requires_grad there)."""
+    from ranktuner_kernels import linear_loss
+
+    h, w, b, target = make_head((7,), 16, 100, torch.float32, True)
+    h.requires_grad_(), w.requires_grad_()
+    calls = []
+    monkeypatch.setattr(linear_loss._Grads, "add_chunk", lambda *a: calls.append(a))
+    with torch.no_grad():
+        loss = rk.linear_cross_entropy(h, w, target, linear_bias=b, chunk_size=3)
+    assert not calls
+    torch.testing.assert_close(loss, rk.cross_entropy(h.detach() @ w.detach().T + b, target))
