@@ -15,52 +15,17 @@ import torch
 import torch.nn.functional as F
 
 import ranktuner_kernels as rk
+from ranktuner_kernels import synthetic
 
-# ---- inputs with a realistic spread of p_t ---------------------------------------------
-
-
-def make_linear_inputs(n, d, v, dtype=torch.bfloat16, device="cuda", target_mean_p=0.4, seed=0):
-    """Hidden states, head and targets where most targets are likely and some are hard:
-    ``h = noise + c * u * W[y]`` with ``u ~ U(0, 2)`` per token and ``c`` bisected so that the
-    mean ``p_t`` of a 512-row sample is ``target_mean_p``."""
-    g = torch.Generator(device=device).manual_seed(seed)
-    w = torch.randn(v, d, generator=g, device=device, dtype=torch.float32) / math.sqrt(d)
-    y = torch.randint(0, v, (n,), generator=g, device=device)
-    noise = torch.randn(n, d, generator=g, device=device) * 1.0
-    u = torch.rand(n, 1, generator=g, device=device) * 2
-    direction = w[y] * u
-
-    def mean_p(c, rows=512):
-        h = noise[:rows] + c * direction[:rows]
-        return float(torch.softmax(h @ w.T, -1).gather(1, y[:rows, None]).mean())
-
-    lo, hi = 0.0, 64.0
-    for _ in range(30):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if mean_p(mid) < target_mean_p else (lo, mid)
-    h = (noise + lo * direction).to(dtype)
-    return h, w.to(dtype), y
+# ---- inputs with a realistic spread of p_t (mean 0.4) --------------------------------------
 
 
-def make_logits(n, v, dtype=torch.bfloat16, device="cuda", target_mean_p=0.4, seed=0):
-    """``[N, V]`` logits with the target's logit boosted by ``c * U(0, 2)``, ``c`` bisected to
-    the mean ``p_t`` wanted (most targets likely, some hard)."""
-    g = torch.Generator(device=device).manual_seed(seed)
-    y = torch.randint(0, v, (n,), generator=g, device=device)
-    u = torch.rand(n, generator=g, device=device) * 2
-    logits = torch.randn(n, v, generator=g, device=device, dtype=torch.float32)
+def make_linear_inputs(n, d, v, dtype=torch.bfloat16, device="cuda"):
+    return synthetic.make_linear_inputs(n, d, v, dtype, device)
 
-    def mean_p(c, rows=512):
-        z = logits[:rows].clone()
-        z[torch.arange(rows), y[:rows]] += c * u[:rows]
-        return float(torch.softmax(z, -1).gather(1, y[:rows, None]).mean())
 
-    lo, hi = 0.0, 64.0
-    for _ in range(30):
-        mid = (lo + hi) / 2
-        lo, hi = (mid, hi) if mean_p(mid) < target_mean_p else (lo, mid)
-    logits[torch.arange(n), y] += lo * u
-    return logits.to(dtype), y
+def make_logits(n, v, dtype=torch.bfloat16, device="cuda"):
+    return synthetic.make_logits(n, v, dtype, device)
 
 
 # ---- the naive materialising RankTuner (what a user writes today) ------------------------
