@@ -13,38 +13,34 @@ The pure-torch reference is :mod:`ranktuner_kernels.reference`; the Triton kerne
 def _map_source_checkout() -> None:
     """In a source checkout the folders ``reference/`` and ``csrc_triton/`` sit beside this
     package; pyproject maps them to ``ranktuner_kernels.reference`` and
-    ``ranktuner_kernels.kernels`` in a wheel. Mirror that mapping when run from the checkout
-    (``python -m ranktuner_kernels`` in the repository root)."""
-    import os
-
-    here = os.path.dirname(os.path.abspath(__file__))
-    for sub, folder in (("reference", "reference"), ("kernels", "csrc_triton")):
-        if os.path.isdir(os.path.join(here, sub)):
-            continue  # installed wheel: the subpackage is here
-        src = os.path.join(os.path.dirname(here), folder)
-        if os.path.isfile(os.path.join(src, "__init__.py")) and src not in __path__:
-            # the subpackage's own folder goes on this package's search path under its name
-            _extra_locations[sub] = src
-
-
-_extra_locations: dict = {}
-_map_source_checkout()
-if _extra_locations:
+    ``ranktuner_kernels.kernels`` in a wheel. Mirror that mapping when the package is imported
+    from the checkout (``python -m ranktuner_kernels`` in the repository root)."""
     import importlib.abc
     import importlib.util
+    import os
     import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    folders = {}
+    for sub, folder in (("reference", "reference"), ("kernels", "csrc_triton")):
+        src = os.path.join(os.path.dirname(here), folder)
+        if not os.path.isdir(os.path.join(here, sub)) and os.path.isfile(os.path.join(src, "__init__.py")):
+            folders[f"{__name__}.{sub}"] = src
+    if not folders:
+        return  # an installed wheel: the subpackages are inside this folder
 
     class _CheckoutFinder(importlib.abc.MetaPathFinder):
         def find_spec(self, fullname, path=None, target=None):
-            prefix, _, sub = fullname.rpartition(".")
-            if prefix != __name__ or sub not in _extra_locations:
+            src = folders.get(fullname)
+            if src is None:
                 return None
-            src = _extra_locations[sub]
-            return importlib.util.spec_from_file_location(
-                fullname, f"{src}/__init__.py", submodule_search_locations=[src]
-            )
+            return importlib.util.spec_from_file_location(fullname, os.path.join(src, "__init__.py"),
+                                                          submodule_search_locations=[src])
 
     sys.meta_path.append(_CheckoutFinder())
+
+
+_map_source_checkout()
 
 from . import objectives  # noqa: E402
 from .token_loss import cross_entropy, token_stats  # noqa: E402

@@ -152,6 +152,7 @@ class LinearTokenLossFunction(torch.autograd.Function):
         needs = (needs[0], needs[1], bias is not None and needs[2])
         one_sweep = not obj.batch_level and run.reduction != "none" and any(needs)
         grads = _Grads(h, weight, bias, needs) if one_sweep else None
+        g = upstream(torch.ones((), device=h.device), run.reduction, norm, acc)  # for an upstream 1
 
         for start in range(0, n, run.rows):
             stop = min(n, start + run.rows)
@@ -172,7 +173,6 @@ class LinearTokenLossFunction(torch.autograd.Function):
                     beta_all = torch.zeros(n, dtype=acc, device=h.device)
                 beta_all[start:stop] = b_c
             if one_sweep:
-                g = upstream(torch.ones((), device=h.device), run.reduction, norm, acc)
                 run.backend.row_grad(logits, t_c, stats.lse, stats.entropy, g * w_c,
                                      None if b_c is None else g * b_c, ii, out=logits)
                 grads.add_chunk(start, logits[0], h_c, weight)

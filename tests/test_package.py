@@ -22,3 +22,15 @@ def test_public_api():
                  "LinearTokenReweightedLoss", "RankTuner", "SFT", "DFT", "TALR", "EAFT", "OverTone",
                  "AlphaPower", "Threshold", "EntropyReg", "Focal"):
         assert hasattr(rk, name), name
+
+
+def test_demo_runs_and_checks_every_weighting():
+    import subprocess
+    import sys
+
+    for impl in ("auto", "triton"):
+        out = subprocess.run([sys.executable, "-m", "ranktuner_kernels", "--batch", "2", "--seq", "8", "--vocab", "100",
+                              "--impl", impl], capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stdout + out.stderr
+        for name in sorted(rk.objectives.OBJECTIVES):
+            assert any(line.startswith(name) and line.rstrip().endswith("ok") for line in out.stdout.splitlines()), name
