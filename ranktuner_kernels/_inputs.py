@@ -24,7 +24,7 @@ def check_same_device(name: str, t: torch.Tensor, ref: torch.Tensor, ref_name: s
         raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}")
 
 
-def check_target(target, lead_shape: tuple, v_size: int, ignore_index: int, like: torch.Tensor, like_name: str):
+def check_target(target, lead_shape: tuple, ignore_index: int, like: torch.Tensor, like_name: str):
     """Shape, dtype and device checks; returns the flat int64 targets ``[N]`` (the value range
     is checked by :func:`check_target_range`)."""
     if not isinstance(target, torch.Tensor):

@@ -271,7 +271,7 @@ def linear_cross_entropy(
         raise ValueError(f"linear_bias: expected shape ({linear_weight.shape[0]},), got {tuple(linear_bias.shape)}")
     shape = tuple(input.shape[:-1])
     v_size = linear_weight.shape[0]
-    flat_target = _inputs.check_target(target, shape, v_size, ignore_index, input, "input")
+    flat_target = _inputs.check_target(target, shape, ignore_index, input, "input")
     scale = _inputs.caller_scale(token_weight, sequence_weight, shape, input)
     h = input.reshape(-1, input.shape[-1])
     weight_grad = torch.is_grad_enabled() and linear_weight.requires_grad

@@ -86,6 +86,18 @@ def prepare_logits(input: torch.Tensor):
     return logits
 
 
+def _target_checked(backend, flat_target, v_size, ignore_index, compute):
+    """``compute()`` with the target range checked: before it on the reference (torch's
+    indexing would fail first), after it on the Triton path, whose kernels clamp the index
+    they load: the check's read-back then waits on work that was queued anyway."""
+    if backend.name == "reference":
+        _inputs.check_target_range(flat_target, v_size, ignore_index)
+    out = compute()
+    if backend.name == "triton":
+        _inputs.check_target_range(flat_target, v_size, ignore_index)
+    return out
+
+
 @torch.compiler.disable
 def cross_entropy(
     input: torch.Tensor,
@@ -129,15 +141,12 @@ def cross_entropy(
     _inputs.check_reduction(reduction)
     logits = prepare_logits(input)
     shape = tuple(input.shape[:-1])
-    flat_target = _inputs.check_target(target, shape, input.shape[-1], ignore_index, input, "input")
+    flat_target = _inputs.check_target(target, shape, ignore_index, input, "input")
     scale = _inputs.caller_scale(token_weight, sequence_weight, shape, input)
     backend = get_backend(impl, input)
-    if backend.name == "reference":
-        _inputs.check_target_range(flat_target, input.shape[-1], ignore_index)
     run = _Run(objective, ignore_index, reduction, shape, backend, inplace_backward)
-    loss, *extras = TokenLossFunction.apply(logits, flat_target, scale, num_items_in_batch, run)
-    if backend.name == "triton":  # after the kernels are queued: the check waits on them
-        _inputs.check_target_range(flat_target, input.shape[-1], ignore_index)
+    loss, *extras = _target_checked(backend, flat_target, input.shape[-1], ignore_index,
+                                    lambda: TokenLossFunction.apply(logits, flat_target, scale, num_items_in_batch, run))
     if return_stats:
         return loss, stats_dict(shape, *extras)
     return loss
@@ -149,12 +158,9 @@ def token_stats(input: torch.Tensor, target: torch.Tensor, *, ignore_index: int 
     and ``lse`` shaped like ``target``, without a loss (no gradient; O(N) memory)."""
     logits = prepare_logits(input)
     shape = tuple(input.shape[:-1])
-    flat_target = _inputs.check_target(target, shape, input.shape[-1], ignore_index, input, "input")
+    flat_target = _inputs.check_target(target, shape, ignore_index, input, "input")
     backend = get_backend(impl, input)
-    if backend.name == "reference":
-        _inputs.check_target_range(flat_target, input.shape[-1], ignore_index)
     with torch.no_grad():
-        stats = backend.row_stats(logits, flat_target, ignore_index)
-    if backend.name == "triton":
-        _inputs.check_target_range(flat_target, input.shape[-1], ignore_index)
+        stats = _target_checked(backend, flat_target, input.shape[-1], ignore_index,
+                                lambda: backend.row_stats(logits, flat_target, ignore_index))
     return stats_dict(shape, None, *stats)
