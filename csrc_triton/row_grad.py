@@ -7,7 +7,6 @@ element is read before it is overwritten by the same program. Ignored rows get z
 without reading the logits.
 """
 
-import torch
 import triton
 import triton.language as tl
 

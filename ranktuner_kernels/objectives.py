@@ -16,7 +16,7 @@ name such as ``"ranktuner"`` into the default config.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import NamedTuple, Optional
 
 import torch
@@ -388,7 +388,3 @@ def resolve(weighting) -> Objective:
         except KeyError:
             raise ValueError(f"weighting: unknown name {weighting!r}; expected one of {sorted(OBJECTIVES)}") from None
     raise TypeError(f"weighting: expected a name or an objective config such as rk.RankTuner(), got {type(weighting).__name__}")
-
-
-def options(obj: Objective) -> dict:
-    return {f.name: getattr(obj, f.name) for f in fields(obj)}
