@@ -196,6 +196,8 @@ def main(argv=None):
                 results["rows"] += bench_logits(args.tokens, v, common.logits_impls(weightings), ceil, args.reps, args.warmup, log)
     else:
         d, v0 = HEADS["llama-3-8b"]
+        # torch.compile peers are left out of the sweep: they recompile at every shape (minutes
+        # each); the headline suite measures them
         keep = ("rk.", "eager h@W.T + F.cross_entropy", "liger", "cut cross", "F.linear", "eager naive", "F.cross_entropy (fp32")
         lin = {k: f for k, f in common.linear_impls(weightings).items() if k.startswith(keep)}
         lg = {k: f for k, f in common.logits_impls(weightings).items() if k.startswith(keep)}
