@@ -32,6 +32,7 @@ import torch
 
 from . import _inputs
 from ._backend import get_backend
+from .reference import compute_dtype
 from ._epilogue import reduce, token_terms, upstream
 from .token_loss import stats_dict
 from .objectives import RowStats, resolve
@@ -92,6 +93,12 @@ class _Run:
         self.rows = rows
 
 
+def _needs_grads(ctx, bias, grad_enabled=True):
+    """Which of ``(dh, dW, db)`` to form (``ctx.needs_input_grad`` ignores ``torch.no_grad()``)."""
+    h_g, w_g, b_g = (grad_enabled and x for x in ctx.needs_input_grad[:3])
+    return h_g, w_g, bias is not None and b_g
+
+
 def _logits(h_c, weight, bias):
     return torch.mm(h_c, weight.t()) if bias is None else torch.addmm(bias, h_c, weight.t())
 
@@ -100,7 +107,7 @@ class _Grads:
     """dh (input dtype), and float32 accumulators for dW and db, filled chunk by chunk."""
 
     def __init__(self, h, weight, bias, needs):
-        acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+        acc = compute_dtype(h.dtype)
         self.dh = torch.empty_like(h) if needs[0] else None
         self.dw = torch.empty(weight.shape, dtype=acc, device=h.device) if needs[1] else None
         self.db = torch.empty(weight.shape[0], dtype=acc, device=h.device) if needs[2] else None
@@ -140,7 +147,7 @@ class LinearTokenLossFunction(torch.autograd.Function):
         n = h.shape[0]
         obj, ii = run.objective, run.ignore_index
         keep = target != ii
-        acc = torch.float64 if h.dtype == torch.float64 else torch.float32
+        acc = compute_dtype(h.dtype)
         stat_bufs = [torch.zeros(n, dtype=acc, device=h.device) for _ in range(4)] + [
             torch.zeros(n, dtype=torch.int64, device=h.device)
         ]
@@ -148,8 +155,7 @@ class LinearTokenLossFunction(torch.autograd.Function):
         w_all = torch.zeros(n, dtype=acc, device=h.device)
         beta_all = None
         norm = _inputs.normaliser(run.reduction, keep, num_items, acc)
-        needs = tuple(run.grad_enabled and x for x in ctx.needs_input_grad[:3])
-        needs = (needs[0], needs[1], bias is not None and needs[2])
+        needs = _needs_grads(ctx, bias, run.grad_enabled)
         one_sweep = not obj.batch_level and run.reduction != "none" and any(needs)
         grads = _Grads(h, weight, bias, needs) if one_sweep else None
         g = upstream(torch.ones((), device=h.device), run.reduction, norm, acc)  # for an upstream 1
@@ -160,13 +166,13 @@ class LinearTokenLossFunction(torch.autograd.Function):
             logits = _logits(h_c, weight, bias)[None]
             if obj.batch_level:  # the epilogue needs every row's statistics: after the sweep
                 stats = run.backend.row_stats(logits, t_c, ii)
-                for buf, s in zip(stat_bufs, stats):
-                    buf[start:stop] = s
-                continue
-            sc = None if scale is None else scale[start:stop]
-            stats, v_c, w_c, b_c = run.backend.token_terms(logits, t_c, ii, obj, keep_c, (stop - start,), sc)
+            else:
+                sc = None if scale is None else scale[start:stop]
+                stats, v_c, w_c, b_c = run.backend.token_terms(logits, t_c, ii, obj, keep_c, (stop - start,), sc)
             for buf, s in zip(stat_bufs, stats):
                 buf[start:stop] = s
+            if obj.batch_level:
+                continue
             value[start:stop], w_all[start:stop] = v_c, w_c
             if b_c is not None:
                 if beta_all is None:
@@ -201,8 +207,7 @@ class LinearTokenLossFunction(torch.autograd.Function):
                 saved = [None if t is None else (t * g).to(t.dtype) for t in saved]
             return (*saved, None, None, None, None)
         h, weight, bias, target, lse, entropy, w, beta, norm = ctx.saved_tensors
-        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
-        grads = _Grads(h, weight, bias, needs)
+        grads = _Grads(h, weight, bias, _needs_grads(ctx, bias))
         g = upstream(grad_loss, run.reduction, norm, w.dtype)
         g = g.expand(w.shape) if g.dim() == 0 else g
         for start in range(0, h.shape[0], run.rows):

@@ -7,8 +7,8 @@ it doubles as the CPU fallback of every public function.
 """
 
 from .rows import CHUNK_ELEMENTS, row_chunks
-from .row_stats import row_stats
+from .row_stats import compute_dtype, row_stats
 from .row_grad import row_grad
 from .topk_entropy import topk_entropy
 
-__all__ = ["CHUNK_ELEMENTS", "row_chunks", "row_stats", "row_grad", "topk_entropy"]
+__all__ = ["CHUNK_ELEMENTS", "compute_dtype", "row_chunks", "row_stats", "row_grad", "topk_entropy"]
