@@ -74,7 +74,7 @@ def linear_impls(weightings=("sft", "ranktuner")):
     impls["eager h@W.T + F.cross_entropy (fp32)"] = lambda h, w, y: (lambda: plain_ce(h @ w.T, y))
     impls["eager h@W.T + naive ranktuner"] = lambda h, w, y: (lambda: naive_ranktuner(h @ w.T, y))
     impls["eager h@W.T + rk reference[ranktuner]"] = lambda h, w, y: (
-        lambda: rk.cross_entropy(h @ w.T, y, "ranktuner", impl="reference"))
+        lambda: rk.cross_entropy(h @ w.T, y, weighting="ranktuner", impl="reference"))
     impls["torch.compile(h@W.T + naive ranktuner)"] = lambda h, w, y: (
         lambda: compiled(_linear_naive)(h, w, y))
     impls["torch.compile(h@W.T + F.cross_entropy)"] = lambda h, w, y: (lambda: compiled(_linear_ce)(h, w, y))
@@ -111,9 +111,9 @@ def logits_impls(weightings=("sft", "ranktuner")):
     impls = {}
     for name in weightings:  # as [B, T] sequences (TALR's median is per sequence)
         impls[f"rk.cross_entropy[{name}]"] = lambda z, y, name=name: (
-            lambda: rk.cross_entropy(z.view(SEQS, -1, z.shape[-1]), y.view(SEQS, -1), name))
+            lambda: rk.cross_entropy(z.view(SEQS, -1, z.shape[-1]), y.view(SEQS, -1), weighting=name))
     impls["rk.cross_entropy[ranktuner, inplace_backward]"] = lambda z, y: (
-        lambda: rk.cross_entropy(z, y, "ranktuner", inplace_backward=True))
+        lambda: rk.cross_entropy(z, y, weighting="ranktuner", inplace_backward=True))
     impls["F.cross_entropy (fp32 upcast)"] = lambda z, y: (lambda: plain_ce(z, y))
     impls["torch.compile(F.cross_entropy)"] = lambda z, y: (lambda: compiled(plain_ce)(z, y))
     impls["eager naive ranktuner"] = lambda z, y: (lambda: naive_ranktuner(z, y))

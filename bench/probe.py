@@ -50,10 +50,10 @@ def main():
     z.requires_grad_()
     floor = 3 * n * v * 2 / ceil["copy_bytes_per_s"] * 1e3
     for name in ("sft", "ranktuner"):
-        r = common.measure(lambda: rk.cross_entropy(z, y, name), [z], reps=10)
+        r = common.measure(lambda: rk.cross_entropy(z, y, weighting=name), [z], reps=10)
         print(f"logits {name}: fwd+bwd {r['fwd_bwd_ms']:.2f} ms ({r['fwd_bwd_ms'] / floor:.2f} x floor {floor:.2f}), "
               f"fwd {r['fwd_nograd_ms']:.2f}, bwd {r['bwd_ms']:.2f}, peak extra {r['peak_extra_bytes'] / 2**30:.2f} GiB")
-    kernel_profile(lambda: rk.cross_entropy(z, y, "ranktuner"), [z], "logits ranktuner", rows=4)
+    kernel_profile(lambda: rk.cross_entropy(z, y, weighting="ranktuner"), [z], "logits ranktuner", rows=4)
     for mod in ("row_stats", "row_grad"):
         tuner = getattr(sys.modules[f"ranktuner_kernels.kernels.{mod}"], f"_{mod}_autotuned")
         print(mod, "autotuned best:", getattr(tuner, "best_config", None), getattr(tuner, "cache", None))

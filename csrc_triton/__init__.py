@@ -4,7 +4,8 @@ Importing this module needs Triton. Set ``TRITON_INTERPRET=1`` before the import
 the kernels on CPU tensors with Triton's interpreter (slow; small shapes only).
 """
 
+from . import weightings
 from .row_stats import row_stats
 from .row_grad import row_grad
 
-__all__ = ["row_stats", "row_grad"]
+__all__ = ["row_stats", "row_grad", "weightings"]

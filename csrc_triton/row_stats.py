@@ -1,15 +1,19 @@
-"""Row statistics in one streaming pass over the vocabulary, with the objective's epilogue.
+"""Row statistics in one streaming pass over the vocabulary, with the weighting's formula.
 
-For each row ``z`` (``V`` logits, any float dtype, accumulated in float32) and target ``y``:
-online max ``m``, rescaled sum ``s = sum exp(z - m)``, rescaled entropy sum
-``a = sum exp(z - m)(z - m)`` and rank count ``r = #{z_i >= z_y}``, one tile at a time; then
-``lse = m + log s`` and ``H = log s - a / s``. (Per-lane accumulators reduced once per row
-measured slower on an H100: 1.98 vs 1.25 ms at N=8192, V=152064.)
+For each row (``V`` logits, any float dtype, accumulated in float32) and target ``y``, on
+the transformed logits ``z' = c tanh(z / c) / T``: online max ``m``, the rescaled non-target
+mass ``u = sum_{i != y} exp(z'_i - m)``, the rescaled entropy sum
+``a = sum_i exp(z'_i - m)(z'_i - m)``, the rank count ``r = #{z_i >= z_y}`` (on the raw
+logits) and, for label smoothing, ``sum_i z'_i``; one tile at a time. Then (SPEC, "Confident
+tokens"), with ``d = m - z'_y``: ``-log p_t = log1p(u e^d)``, ``1 - p_t = u e^d / (1 + u e^d)``,
+``log s = -log p_t - d``, ``lse = m + log s``, ``H = log s - a / s`` (the direct forms where
+``d >= 30``). (Per-lane accumulators measured slower on an H100: 1.98 vs 1.25 ms at N=8192,
+V=152064.)
 
-Where the objective needs only the row's own statistics (every one but TALR and EAFT), its
-epilogue (``epilogue.token_terms``) runs in registers too and writes ``value``, ``w`` and
-``beta`` times the caller's per-token ``scale``. One program per row; ignored rows load
-nothing and store zeros. Outputs are ``[N]``: float32 ``lse, z_y, m, H`` (and terms), int32 rank.
+Where the weighting needs only the row's own statistics (every one but TALR and EAFT), its
+Triton formula (``FORMULA``, from ``weightings.py``) runs in registers too and writes
+``value``, ``w`` and ``beta`` times the caller's per-token ``scale``. One program per row;
+ignored rows load nothing and store zeros.
 """
 
 from __future__ import annotations
@@ -18,60 +22,81 @@ import torch
 import triton
 import triton.language as tl
 
-from ranktuner_kernels.objectives import RowStats
-
 from .config import AUTOTUNE, autotune_configs, fixed_config, row_offsets
-from .epilogue import STATS_ONLY, token_terms
+from .fmath import expm1, log1p, transform
+
+#: ``m - z'_y`` from which ``-log p_t`` is formed directly (mirrors ``reference.row_stats.FAR``).
+FAR = tl.constexpr(30.0)
 
 
-@triton.heuristics({"HAS_SCALE": lambda args: args["scale_ptr"] is not None})
+@triton.heuristics({"HAS_SCALE": lambda args: args["scale_ptr"] is not None,
+                    "HAS_MEAN": lambda args: args["mean_ptr"] is not None,
+                    "HAS_TERMS": lambda args: args["value_ptr"] is not None})
 @triton.jit
 def _row_stats_kernel(
     logits_ptr, target_ptr,
-    lse_ptr, zy_ptr, max_ptr, ent_ptr, rank_ptr,
-    value_ptr, w_ptr, beta_ptr, scale_ptr, P0, P1,
+    lse_ptr, logp_ptr, zy_ptr, max_ptr, ent_ptr, rank_ptr, mean_ptr,
+    value_ptr, w_ptr, beta_ptr, scale_ptr,
+    softcap, inv_temperature, P0, P1,
     T, stride_b, stride_t, V, ignore_index,
-    BLOCK_V: tl.constexpr, OBJECTIVE: tl.constexpr, OPT: tl.constexpr, HAS_SCALE: tl.constexpr,
+    BLOCK_V: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_TEMPERATURE: tl.constexpr,
+    HAS_MEAN: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_TERMS: tl.constexpr,
+    FORMULA: tl.constexpr, S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     base = logits_ptr + (row // T) * stride_b + (row % T) * stride_t
     y = tl.load(target_ptr + row)
     keep = y != ignore_index
     # column 0 always exists; an out-of-range target (reported by the caller) reads it too
-    zy = tl.load(base + tl.where(keep & (y >= 0) & (y < V), y, 0)).to(tl.float32)
+    zy_raw = tl.load(base + tl.where(keep & (y >= 0) & (y < V), y, 0)).to(tl.float32)
+    zy = transform(zy_raw, softcap, inv_temperature, HAS_SOFTCAP, HAS_TEMPERATURE)
 
     v_live = tl.where(keep, V, 0)  # ignored rows load nothing
-    m = float("-inf")  # running max
-    s = 0.0  # sum exp(z - m)
-    a = 0.0  # sum exp(z - m) * (z - m)
+    m = float("-inf")  # running max of z'
+    u = 0.0  # sum_{i != y} exp(z'_i - m)
+    a = 0.0  # sum_i exp(z'_i - m) * (z'_i - m)
     r = 0  # #{z_i >= z_y}
+    zsum = 0.0  # sum_i z'_i (label smoothing)
     for start in range(0, V, BLOCK_V):
         cols = start + tl.arange(0, BLOCK_V)
         mask = cols < v_live
-        z = tl.load(base + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        z_raw = tl.load(base + cols, mask=mask, other=float("-inf")).to(tl.float32)
+        r += tl.sum(((z_raw >= zy_raw) & mask).to(tl.int32), axis=0)
+        z = transform(z_raw, softcap, inv_temperature, HAS_SOFTCAP, HAS_TEMPERATURE)
+        if HAS_SOFTCAP:
+            z = tl.where(mask, z, float("-inf"))  # the padding, not c tanh(-inf) = -c
+        if HAS_MEAN:
+            zsum += tl.sum(tl.where(mask, z, 0.0), axis=0)
         m_new = tl.maximum(m, tl.max(z, axis=0))
         m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # no finite logit yet
-        shift = tl.where(m == float("-inf"), 0.0, m - m_ref)  # s = a = 0 while m = -inf
+        shift = tl.where(m == float("-inf"), 0.0, m - m_ref)  # u = a = 0 while m = -inf
         alpha = tl.exp(shift)
-        e = tl.exp(z - m_ref)
-        a = (a + shift * s) * alpha + tl.sum(tl.where(e > 0, e * (z - m_ref), 0.0), axis=0)
-        s = s * alpha + tl.sum(e, axis=0)
-        r += tl.sum(((z >= zy) & mask).to(tl.int32), axis=0)
+        e = tl.where(cols == y, 0.0, tl.exp(z - m_ref))  # the target's term is added at the end
+        a = (a + shift * u) * alpha + tl.sum(tl.where(e > 0, e * (z - m_ref), 0.0), axis=0)
+        u = u * alpha + tl.sum(e, axis=0)
         m = m_new
 
-    s = tl.where(keep, s, 1.0)  # ignored rows: no log(0) (their outputs are zeroed)
-    log_s = tl.log(s)
+    d = m - zy  # >= 0; NaN for a NaN row
+    far = ~(d < FAR)
+    e_y = tl.exp(-d)
+    s = u + e_y
+    ratio = u * tl.exp(tl.where(far, 0.0, d))  # (1 - p_t) / p_t
+    nll = tl.where(far, d + tl.log(s), log1p(ratio))
+    q = tl.where(far, -expm1(-nll), ratio / (1.0 + ratio))
+    log_s = tl.where(far, tl.log(s), nll - d)
     lse = m + log_s
+    a += tl.where(e_y > 0, -d * e_y, 0.0)
     ent = log_s - a / s
-    rank = r
     tl.store(lse_ptr + row, tl.where(keep, lse, 0.0))
+    tl.store(logp_ptr + row, tl.where(keep, -nll, 0.0))
     tl.store(zy_ptr + row, tl.where(keep, zy, 0.0))
     tl.store(max_ptr + row, tl.where(keep, m, 0.0))
     tl.store(ent_ptr + row, tl.where(keep, ent, 0.0))
-    tl.store(rank_ptr + row, tl.where(keep, rank, 0))
-    if OBJECTIVE != STATS_ONLY:
-        logp = zy - lse
-        value, w, beta = token_terms(logp, ent, tl.exp(m - lse), zy, m, rank, P0, P1, OBJECTIVE, OPT)
+    tl.store(rank_ptr + row, tl.where(keep, r, 0))
+    if HAS_MEAN:
+        tl.store(mean_ptr + row, tl.where(keep, zsum / V, 0.0))
+    if HAS_TERMS:
+        value, w, beta = FORMULA(-nll, q, ent, tl.exp(-log_s), zy, m, r, P0, P1, S0, S1, S2, S3)
         if HAS_SCALE:
             c = tl.load(scale_ptr + row).to(tl.float32)
             value, w, beta = value * c, w * c, beta * c
@@ -80,33 +105,39 @@ def _row_stats_kernel(
         tl.store(beta_ptr + row, tl.where(keep, beta, 0.0))
 
 
-_row_stats_autotuned = triton.autotune(configs=autotune_configs(), key=["V", "OBJECTIVE"])(_row_stats_kernel)
+_row_stats_autotuned = triton.autotune(configs=autotune_configs(), key=["V", "FORMULA"])(_row_stats_kernel)
 
 
-def row_stats(logits: torch.Tensor, target: torch.Tensor, ignore_index: int, out: RowStats | None = None,
-              objective=None, scale: torch.Tensor | None = None):
+def row_stats(logits: torch.Tensor, target: torch.Tensor, ignore_index: int, softcap=None, temperature=1.0,
+              with_mean=False, formula=None, formula_args=((0.0, 0.0), (None,) * 4), scale=None):
     """Launch one program per row of ``[B, T, V]`` logits (last stride 1) with ``[B*T]`` int64
-    targets. ``out``: optional float32 buffers ``(lse, z_y, max, H)`` and an int32 ``rank``.
+    targets. ``softcap``/``temperature``: the logit transform; ``with_mean``: also the mean
+    transformed logit (label smoothing).
 
-    With ``objective`` (an ``Objective`` whose ``kernel_spec()`` is not None) also returns the
-    float32 ``(value, w, beta)`` terms, times ``scale`` ``[B*T]`` if given:
-    ``(RowStats, (value, w, beta))``; else returns ``RowStats`` only.
+    Returns ``(lse, logp_t, z'_y, max z', H, rank, mean or None)`` (float32, rank int64) and,
+    with ``formula`` (a Triton formula of ``weightings.py``; ``formula_args = ((P0, P1),
+    (S0, S1, S2, S3))``), the float32 ``(value, w, beta)`` times ``scale`` ``[B*T]`` if given,
+    else None.
     """
     b_size, t_size, v_size = logits.shape
     n = b_size * t_size
     dev = logits.device
-    if out is None:
-        out = RowStats(*(torch.empty(n, dtype=torch.float32, device=dev) for _ in range(4)),
-                       torch.empty(n, dtype=torch.int32, device=dev))
-    spec = objective.kernel_spec() if objective is not None else None
-    obj_id, opt, p0, p1 = spec if spec is not None else (STATS_ONLY, 0, 0.0, 0.0)
-    terms = tuple(torch.empty(n, dtype=torch.float32, device=dev) for _ in range(3)) if spec else (None,) * 3
+
+    def buf(dtype=torch.float32):
+        return torch.empty(n, dtype=dtype, device=dev)
+
+    stats = [buf() for _ in range(5)] + [buf(torch.int32), buf() if with_mean else None]
+    terms = (buf(), buf(), buf()) if formula is not None else (None,) * 3
+    (p0, p1), switches = formula_args
     if n > 0:
-        args = (logits, target, *out, *terms, scale, p0, p1,
+        args = (logits, target, *stats, *terms, scale,
+                1.0 if softcap is None else float(softcap), 1.0 / temperature, float(p0), float(p1),
                 *row_offsets(logits.shape, logits.stride()), v_size, ignore_index)
+        kw = dict(HAS_SOFTCAP=softcap is not None, HAS_TEMPERATURE=temperature != 1.0, FORMULA=formula,
+                  S0=switches[0], S1=switches[1], S2=switches[2], S3=switches[3])
         if AUTOTUNE:
-            _row_stats_autotuned[(n,)](*args, OBJECTIVE=obj_id, OPT=opt)
+            _row_stats_autotuned[(n,)](*args, **kw)
         else:
-            _row_stats_kernel[(n,)](*args, OBJECTIVE=obj_id, OPT=opt, **fixed_config(v_size))
-    stats = out._replace(rank=out.rank.long())
-    return (stats, terms) if spec is not None else stats
+            _row_stats_kernel[(n,)](*args, **kw, **fixed_config(v_size))
+    stats[5] = stats[5].long()
+    return tuple(stats), (terms if formula is not None else None)

@@ -65,7 +65,7 @@ def main(argv=None):
     logits, target = logits.view(b, t, v), target.view(b, t)
     target[:, :2] = -100  # a prompt-like prefix, ignored
     kept = target != -100
-    impl_used = rk._backend.pick_impl(args.impl, logits)
+    impl_used = rk._dispatch.pick_impl(args.impl, logits)
     where = torch.cuda.get_device_name() if cuda else "CPU"
     print(f"ranktuner-kernels {rk.__version__} demo on {where}: logits [{b}, {t}, {v}] {dtype}, "
           f"{int(kept.sum())} tokens kept, impl={impl_used}, torch {torch.__version__}")
@@ -101,15 +101,15 @@ def main(argv=None):
     loss, _, ms, peak = timed(ce, x)
     rows.append(("F.cross_entropy", float(loss), None, None, None, ms, peak, ""))
     failures = 0
-    for name in sorted(rk.objectives.OBJECTIVES):
+    for name in sorted(rk.weightings.WEIGHTINGS):
         def fn(z, name=name):
-            return rk.cross_entropy(z, target, name, impl=args.impl)
+            return rk.cross_entropy(z, target, weighting=name, impl=args.impl)
 
         loss, grad, ms, peak = timed(fn, logits.clone().requires_grad_())
         z64 = logits.double().requires_grad_()
-        rk.cross_entropy(z64, target, name, impl="reference").backward()
+        rk.cross_entropy(z64, target, weighting=name, impl="reference").backward()
         z_low = logits.clone().requires_grad_()
-        rk.cross_entropy(z_low, target, name, impl="reference").backward()
+        rk.cross_entropy(z_low, target, weighting=name, impl="reference").backward()
         err, err_ref = rel(grad, z64.grad), rel(z_low.grad, z64.grad)
         max_err = float((grad.double() - z64.grad).abs().max())
         ok = err <= 2 * err_ref + 1e-4 and torch.isfinite(loss)

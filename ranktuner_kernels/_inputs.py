@@ -2,12 +2,27 @@
 
 from __future__ import annotations
 
+import functools
 import numbers
 
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-REDUCTIONS = ("mean", "sum", "none")
+
+
+def eager(fn):
+    """Run ``fn`` eagerly inside ``torch.compile``d code (a graph break at the call), like
+    ``torch.compiler.disable``, without importing ``torch._dynamo`` before the first call."""
+    disabled = None
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        nonlocal disabled
+        if disabled is None:
+            disabled = torch.compiler.disable(fn)
+        return disabled(*args, **kwargs)
+
+    return wrapper
 
 
 def check_float(name: str, t, dims=None) -> None:
@@ -24,34 +39,44 @@ def check_same_device(name: str, t: torch.Tensor, ref: torch.Tensor, ref_name: s
         raise ValueError(f"{name} is on {t.device} but {ref_name} is on {ref.device}")
 
 
-def check_target(target, lead_shape: tuple, ignore_index: int, like: torch.Tensor, like_name: str):
+def check_ignore_index(ignore_index) -> int:
+    """``None`` means -100 (``F.linear_cross_entropy``'s documented default)."""
+    if ignore_index is None:
+        return -100
+    if not isinstance(ignore_index, numbers.Integral) or isinstance(ignore_index, bool):
+        raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
+    return int(ignore_index)
+
+
+def check_target(target, lead_shape: tuple, like: torch.Tensor, like_name: str):
     """Shape, dtype and device checks; returns the flat int64 targets ``[N]`` (the value range
-    is checked by :func:`check_target_range`)."""
+    is checked by :func:`check_range`)."""
     if not isinstance(target, torch.Tensor):
         raise TypeError(f"target: expected a torch.Tensor, got {type(target).__name__}")
     if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
-        raise TypeError(f"target: must hold integer class indices, got dtype {target.dtype}")
+        raise TypeError(f"target: must hold integer class indices (class probabilities are not supported), "
+                        f"got dtype {target.dtype}")
     if tuple(target.shape) != tuple(lead_shape):
         raise ValueError(f"target: shape {tuple(target.shape)} does not match {like_name}'s leading shape {tuple(lead_shape)}")
     check_same_device("target", target, like, like_name)
-    if not isinstance(ignore_index, numbers.Integral):
-        raise TypeError(f"ignore_index: expected an int, got {type(ignore_index).__name__}")
     return target.reshape(-1).long().contiguous()
 
 
-def check_target_range(flat: torch.Tensor, v_size: int, ignore_index: int) -> None:
-    """Targets must lie in ``[0, V)`` or equal ``ignore_index``. Reads one flag back from the
-    device (a synchronisation): the Triton paths call it after queueing their kernels, which
-    clamp the index they load, so the check waits for work that was queued anyway."""
+def check_range(flat: torch.Tensor, v_size: int, ignore_index: int, num_items=None) -> None:
+    """Targets must lie in ``[0, V)`` or equal ``ignore_index``, and a tensor
+    ``num_items_in_batch`` must not be negative. Reads one flag pair back from the device (a
+    synchronisation): the Triton paths call it after queueing their kernels, which clamp the
+    index they load, so the check waits for work that was queued anyway."""
     bad = (flat != ignore_index) & ((flat < 0) | (flat >= v_size))
-    if bool(bad.any()):
+    flags = bad.any()
+    if isinstance(num_items, torch.Tensor):
+        flags = torch.stack([flags, (num_items.detach().reshape(()).to(flat.device) < 0)])
+    flags = flags.reshape(-1).tolist()
+    if flags[0]:
         value = int(flat[bad][0])
         raise ValueError(f"target: value {value} is outside [0, {v_size}) and is not ignore_index ({ignore_index})")
-
-
-def check_reduction(reduction: str) -> None:
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"reduction: expected one of {REDUCTIONS}, got {reduction!r}")
+    if len(flags) > 1 and flags[1]:
+        raise ValueError(f"num_items_in_batch: must be >= 0, got {float(num_items)}")
 
 
 def caller_scale(token_weight, sequence_weight, shape: tuple, like: torch.Tensor):
@@ -79,21 +104,36 @@ def caller_scale(token_weight, sequence_weight, shape: tuple, like: torch.Tensor
     return scale
 
 
-def normaliser(reduction: str, keep: torch.Tensor, num_items_in_batch, dtype) -> torch.Tensor | None:
-    """The divisor of ``reduction="mean"``: ``num_items_in_batch`` or the non-ignored count (>= 1)."""
+def class_weight(weight, v_size: int, flat_target: torch.Tensor, ignore_index: int, like: torch.Tensor):
+    """``F.cross_entropy``'s ``weight``: ``[V]`` per-class rescaling -> the per-token factor
+    ``weight[y_t]`` (0 where ignored), or None."""
+    if weight is None:
+        return None
+    check_float("weight", weight, dims=(1,))
+    if weight.shape[0] != v_size:
+        raise ValueError(f"weight: expected one weight per class, shape ({v_size},), got {tuple(weight.shape)}")
+    check_same_device("weight", weight, like, "input")
+    keep = flat_target != ignore_index
+    return torch.where(keep, weight.detach()[torch.where(keep, flat_target, 0).clamp(0, v_size - 1)], 0)
+
+
+def normaliser(reduction: str, keep: torch.Tensor, num_items_in_batch, dtype, weight_per_token=None):
+    """The divisor of ``reduction="mean"``: ``num_items_in_batch`` if given, else the number of
+    kept tokens (``F.cross_entropy``'s sum of ``weight[y_t]`` with a class ``weight``). A
+    divisor of 0 (no kept token, or ``num_items_in_batch=0``) divides by 1, so such a batch
+    contributes 0; a NaN divisor gives a NaN loss; a negative one raises."""
     if reduction != "mean":
         return None
     if num_items_in_batch is None:
-        n = keep.sum().to(dtype)
+        n = keep.sum().to(dtype) if weight_per_token is None else weight_per_token.sum().to(dtype)
+    elif isinstance(num_items_in_batch, torch.Tensor):
+        if num_items_in_batch.numel() != 1:
+            raise ValueError("num_items_in_batch: expected a number or a one-element tensor")
+        n = num_items_in_batch.detach().to(device=keep.device, dtype=dtype).reshape(())
+    elif isinstance(num_items_in_batch, numbers.Real) and not isinstance(num_items_in_batch, bool):
+        if num_items_in_batch < 0:
+            raise ValueError(f"num_items_in_batch: must be >= 0, got {num_items_in_batch}")
+        n = torch.tensor(float(num_items_in_batch), dtype=dtype, device=keep.device)
     else:
-        if isinstance(num_items_in_batch, torch.Tensor):
-            if num_items_in_batch.numel() != 1:
-                raise ValueError("num_items_in_batch: expected a number or a one-element tensor")
-            n = num_items_in_batch.detach().to(device=keep.device, dtype=dtype).reshape(())
-        elif isinstance(num_items_in_batch, numbers.Real) and not isinstance(num_items_in_batch, bool):
-            if num_items_in_batch < 0:
-                raise ValueError(f"num_items_in_batch: must be >= 0, got {num_items_in_batch}")
-            n = torch.tensor(float(num_items_in_batch), dtype=dtype, device=keep.device)
-        else:
-            raise TypeError(f"num_items_in_batch: expected a number or a tensor, got {type(num_items_in_batch).__name__}")
-    return torch.where(n > 0, n, torch.ones_like(n))
+        raise TypeError(f"num_items_in_batch: expected a number or a tensor, got {type(num_items_in_batch).__name__}")
+    return torch.where(n == 0, torch.ones_like(n), n)

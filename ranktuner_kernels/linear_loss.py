@@ -4,25 +4,33 @@
 holding the ``N x V`` logits. Rows are processed in chunks of ``C`` rows:
 
     logits_c = h_c @ W.T (+ b)                     [C, V], input dtype (cuBLAS / torch)
-    stats_c  = row_stats(logits_c)                 one streaming pass per row
-    value, w, beta = objective(stats_c)            O(C) epilogue
-    logits_c <- dz_c = g (w (p - 1_y) + beta p (log p + H))     in place, second pass
-    dh_c = dz_c @ W;  dW += dz_c.T @ h_c (float32);  db += sum_rows dz_c (float32)
+    stats_c, terms_c = row_stats(logits_c)         one streaming pass per row (+ the formula)
+    logits_c <- dz_c                               the one gradient, in place, second pass
+    dh_c = dz_c @ W;  dW += dz_c.T @ h_c;  db += sum_rows dz_c (float32)
 
-For objectives that need only each row's own statistics and a scalar upstream gradient
-(``mean``/``sum``), that is one sweep in the forward pass (6 N D V FLOPs); backward only
-scales the stored gradients by the upstream gradient. Batch-level objectives (TALR) and
-``reduction="none"`` keep the O(N) statistics and recompute the logits chunk by chunk in
-backward (8 N D V FLOPs).
+Weight-gradient accumulation (``acc_policy``, named like torch's
+``LinearCrossEntropyOptions.acc_policy``): ``"compact"`` adds each chunk's ``dz_c.T @ h_c``
+straight into a ``dW`` of the weight's dtype (``addmm``; cuBLAS accumulates each chunk's
+product in float32); ``"accurate"`` keeps a float32 accumulator and casts at the end.
+``"auto"`` (default): compact for 16-bit weights, where the two differ; float32 and float64
+weights are accumulated in their own dtype either way.
 
-Chunk rule (:func:`chunk_rows`): ``C = chunk_size`` if given; else as many rows as fit in
-``max(CHUNK_BYTES, V * D * itemsize)`` bytes of logits (256 MiB, or the size of the weight
-gradient when it is formed, whose final cast needs that much anyway), balanced into equal
-chunks. Peak memory above the inputs is
+Sweeps: weightings that are not batch-level, with ``reduction`` ``"mean"``/``"sum"``, need
+one sweep in the forward pass (6 N D V FLOPs), computed for an upstream gradient of 1;
+backward scales the stored gradients when the upstream gradient is a power of two (exact),
+else recomputes them with it (8 N D V in all), so no upstream gradient costs an extra
+rounding. TALR (batch-level) and ``reduction="none"`` recompute in backward.
 
-    N * D * itemsize + V * D * 4 (+ V * 4)          dh and the float32 dW (db) accumulators
-  + max(C * V * itemsize,                           the logits chunk (reused for its gradient),
-        V * D * itemsize)                           or dW cast to the weight's dtype at the end
+Chunk rule (:func:`chunk_rows`): ``C = chunk_size`` if given, else as many rows as fit in
+``CHUNK_BYTES`` of logits (CUDA: 240 MiB, so the weight-gradient GEMM of a chunk,
+``2 C V D`` FLOPs over ``4 V D`` bytes of ``dW`` traffic, runs at ``C / 2`` FLOP/byte, above an
+H100's ridge point (~300) for ``V`` up to ~200k; CPU: 32 MiB), or, with ``"accurate"``
+16-bit weights, ``V * D * itemsize`` bytes if larger (the final cast needs that much
+anyway); balanced into equal chunks. Peak memory above the inputs:
+
+    N * D * isz + V * D * isz (+ V * 4)        dh and dW (db float32), the gradients themselves
+  + C * V * isz                                 the logits chunk, reused for its gradient
+  + ("accurate", 16-bit) V * D * 4              the float32 dW accumulator
   + O(N + C) statistics
 """
 
@@ -30,44 +38,51 @@ from __future__ import annotations
 
 import torch
 
-from . import _inputs
-from ._backend import get_backend
-from .reference import compute_dtype
-from ._epilogue import reduce, token_terms, upstream
-from .token_loss import stats_dict
-from .objectives import RowStats, resolve
+from . import _inputs, _terms
+from ._dispatch import get_backend
+from ._params import LossParams, check_options
+from .reference import RowStats, compute_dtype
+from .token_loss import forward_terms, stats_dict
+from .weightings import Terms, resolve
 
-#: Bytes of logits held at once by default (see the module docstring).
-CHUNK_BYTES = 256 << 20
+#: Bytes of logits held at once by default, per device type (see the module docstring).
+CHUNK_BYTES = {"cuda": 240 << 20, "cpu": 32 << 20}
+ACC_POLICIES = ("auto", "accurate", "compact")
 
 
-def chunk_rows(n: int, v: int, d: int, itemsize: int, chunk_size: int | None, weight_grad: bool) -> int:
-    """Rows per chunk: ``chunk_size``, or as many as fit in ``max(CHUNK_BYTES, V*D*itemsize)``
-    bytes of logits (the second term where the weight gradient is formed: its final cast to the
-    weight's dtype needs that much memory anyway), balanced so the chunks are of equal size."""
+def chunk_rows(n: int, v: int, d: int, itemsize: int, chunk_size, device_type: str, f32_cast: bool) -> int:
+    """Rows per chunk: ``chunk_size``, or as many as fit in ``CHUNK_BYTES`` of logits (or the
+    weight gradient's size where the ``"accurate"`` cast needs that anyway), balanced."""
     if chunk_size is not None:
         if not isinstance(chunk_size, int) or isinstance(chunk_size, bool) or chunk_size < 1:
             raise ValueError(f"chunk_size: expected an int >= 1, got {chunk_size!r}")
         return min(chunk_size, max(n, 1))
-    budget = max(CHUNK_BYTES, v * d * itemsize) if weight_grad else CHUNK_BYTES
+    budget = CHUNK_BYTES.get(device_type, CHUNK_BYTES["cuda"])
+    if f32_cast:
+        budget = max(budget, v * d * itemsize)
     rows_max = max(1, budget // (v * itemsize))
     n_chunks = -(-max(n, 1) // rows_max)
     return -(-max(n, 1) // n_chunks)
+
+
+def resolve_policy(acc_policy: str, dtype: torch.dtype) -> str:
+    if acc_policy not in ACC_POLICIES:
+        raise ValueError(f"acc_policy: expected one of {ACC_POLICIES}, got {acc_policy!r}")
+    if dtype in (torch.float32, torch.float64):
+        return "compact"  # the weight's own dtype is the accumulator's: the two policies agree
+    return "compact" if acc_policy == "auto" else acc_policy
 
 
 _OUT_DTYPE_MM = {}
 
 
 def mm_into_f32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate: bool) -> None:
-    """``acc (+)= a @ b`` with ``acc`` float32 (or float64) whatever ``a``/``b``'s dtype.
+    """``acc (+)= a @ b`` with ``acc`` float32 whatever ``a``/``b``'s dtype.
 
     On CUDA, bf16/fp16 operands go through cuBLAS with a float32 output (``out_dtype``), so a
     chunk's product is never rounded to 16 bits before it is accumulated; ``accumulate=False``
     overwrites ``acc`` (no zero-fill, no read of the accumulator).
     """
-    if a.dtype == acc.dtype:
-        torch.addmm(acc, a, b, out=acc) if accumulate else torch.mm(a, b, out=acc)
-        return
     key = (a.device.type, a.dtype)
     if _OUT_DTYPE_MM.get(key, True):
         try:
@@ -79,18 +94,12 @@ def mm_into_f32(acc: torch.Tensor, a: torch.Tensor, b: torch.Tensor, accumulate:
             return
         except (RuntimeError, TypeError, NotImplementedError):
             _OUT_DTYPE_MM[key] = False
-    mm_into_f32(acc, a.to(acc.dtype), b.to(acc.dtype), accumulate)
+    mm_into(acc, a.to(acc.dtype), b.to(acc.dtype), accumulate)
 
 
-class _Run:
-    def __init__(self, objective, ignore_index, reduction, shape, backend, rows, grad_enabled):
-        self.grad_enabled = grad_enabled  # ctx.needs_input_grad ignores torch.no_grad()
-        self.objective = objective
-        self.ignore_index = ignore_index
-        self.reduction = reduction
-        self.shape = shape
-        self.backend = backend
-        self.rows = rows
+def mm_into(acc, a, b, accumulate: bool) -> None:
+    """``acc (+)= a @ b``, all of one dtype."""
+    torch.addmm(acc, a, b, out=acc) if accumulate else torch.mm(a, b, out=acc)
 
 
 def _needs_grads(ctx, bias, grad_enabled=True):
@@ -104,13 +113,15 @@ def _logits(h_c, weight, bias):
 
 
 class _Grads:
-    """dh (input dtype), and float32 accumulators for dW and db, filled chunk by chunk."""
+    """dh (input dtype), dW (the weight's dtype, or a float32 accumulator for ``"accurate"``)
+    and a float32 db, filled chunk by chunk."""
 
-    def __init__(self, h, weight, bias, needs):
-        acc = compute_dtype(h.dtype)
+    def __init__(self, h, weight, bias, needs, policy):
+        f32 = policy == "accurate"
         self.dh = torch.empty_like(h) if needs[0] else None
-        self.dw = torch.empty(weight.shape, dtype=acc, device=h.device) if needs[1] else None
-        self.db = torch.empty(weight.shape[0], dtype=acc, device=h.device) if needs[2] else None
+        self.dw = torch.empty(weight.shape, dtype=torch.float32 if f32 else weight.dtype, device=h.device) \
+            if needs[1] else None
+        self.db = torch.empty(weight.shape[0], dtype=compute_dtype(h.dtype), device=h.device) if needs[2] else None
         self.started = False
 
     def add_chunk(self, start, dz, h_c, weight):
@@ -118,13 +129,14 @@ class _Grads:
         if self.dh is not None:
             torch.mm(dz, weight, out=self.dh[start : start + dz.shape[0]])
         if self.dw is not None:
-            mm_into_f32(self.dw, dz.t(), h_c, accumulate=self.started)
+            mm = mm_into if self.dw.dtype == dz.dtype else mm_into_f32
+            mm(self.dw, dz.t(), h_c, accumulate=self.started)
         if self.db is not None:
             db = dz.sum(0, dtype=self.db.dtype)
             self.db.add_(db) if self.started else self.db.copy_(db)
         self.started = True
 
-    def final(self, h, weight, bias):
+    def final(self, weight, bias):
         """``(dh, dW, db)`` in the parameters' dtypes (zeros where no row was processed)."""
         if not self.started:
             for t in (self.dh, self.dw, self.db):
@@ -137,134 +149,171 @@ class _Grads:
         return self.dh, cast(self.dw, weight), cast(self.db, bias)
 
 
+def _power_of_two(g: torch.Tensor) -> bool:
+    """Scaling by ``g`` is exact (one read-back; NaN, inf and 0 are not)."""
+    mantissa, _ = torch.frexp(g.float())
+    return bool(mantissa.abs() == 0.5)
+
+
 class LinearTokenLossFunction(torch.autograd.Function):
     """``h [N, D]``, ``weight [V, D]``, ``bias [V]`` or None, ``target [N]`` int64,
-    ``scale [N]`` or None -> ``(loss, w, lse, z_y, max z, H, rank)``; ``loss`` is
+    ``scale [N]`` or None, ``norm`` -> ``(loss, w, z_loss, *RowStats)``; ``loss`` is
     differentiable w.r.t. ``h``, ``weight`` and ``bias``."""
 
     @staticmethod
-    def forward(ctx, h, weight, bias, target, scale, num_items, run: _Run):
-        n = h.shape[0]
-        obj, ii = run.objective, run.ignore_index
-        keep = target != ii
+    def forward(ctx, h, weight, bias, target, scale, norm, params: LossParams):
+        n, v_size = h.shape[0], weight.shape[0]
+        weighting = params.weighting
+        keep = target != params.ignore_index
         acc = compute_dtype(h.dtype)
-        stat_bufs = [torch.zeros(n, dtype=acc, device=h.device) for _ in range(4)] + [
-            torch.zeros(n, dtype=torch.int64, device=h.device)
-        ]
-        value = torch.zeros(n, dtype=acc, device=h.device)
-        w_all = torch.zeros(n, dtype=acc, device=h.device)
-        beta_all = None
-        norm = _inputs.normaliser(run.reduction, keep, num_items, acc)
-        needs = _needs_grads(ctx, bias, run.grad_enabled)
-        one_sweep = not obj.batch_level and run.reduction != "none" and any(needs)
-        grads = _Grads(h, weight, bias, needs) if one_sweep else None
-        g = upstream(torch.ones((), device=h.device), run.reduction, norm, acc)  # for an upstream 1
-
-        for start in range(0, n, run.rows):
-            stop = min(n, start + run.rows)
-            h_c, t_c, keep_c = h[start:stop], target[start:stop], keep[start:stop]
+        with_mean = params.label_smoothing > 0
+        stat_bufs = RowStats(*(torch.zeros(n, dtype=acc, device=h.device) for _ in range(5)),
+                             torch.zeros(n, dtype=torch.int64, device=h.device),
+                             torch.zeros(n, dtype=acc, device=h.device) if with_mean else None)
+        needs = _needs_grads(ctx, bias, params.grad_enabled)
+        one_sweep = not weighting.batch_level and params.reduction != "none" and any(needs)
+        grads = _Grads(h, weight, bias, needs, params.acc_policy) if one_sweep else None
+        g1 = _terms.upstream(torch.ones((), device=h.device), params.reduction, norm, n, acc)
+        parts = {"value": [], "w": [], "beta": [], "z_loss": []}
+        for start in range(0, n, params.rows):
+            sl = slice(start, min(n, start + params.rows))
+            h_c, t_c, keep_c = h[sl], target[sl], keep[sl]
             logits = _logits(h_c, weight, bias)[None]
-            if obj.batch_level:  # the epilogue needs every row's statistics: after the sweep
-                stats = run.backend.row_stats(logits, t_c, ii)
+            if weighting.batch_level:  # the formula needs every row's statistics: after the sweep
+                stats, _ = params.backend.row_stats(logits, t_c, params)
             else:
-                sc = None if scale is None else scale[start:stop]
-                stats, v_c, w_c, b_c = run.backend.token_terms(logits, t_c, ii, obj, keep_c, (stop - start,), sc)
+                sc = None if scale is None else scale[sl]
+                stats, terms, z_loss, value = forward_terms(params, logits, t_c, keep_c, sc)
+                for key, part in zip(parts, (value, terms.w, terms.beta, z_loss)):
+                    parts[key].append(part)
             for buf, s in zip(stat_bufs, stats):
-                buf[start:stop] = s
-            if obj.batch_level:
-                continue
-            value[start:stop], w_all[start:stop] = v_c, w_c
-            if b_c is not None:
-                if beta_all is None:
-                    beta_all = torch.zeros(n, dtype=acc, device=h.device)
-                beta_all[start:stop] = b_c
+                if buf is not None:
+                    buf[sl] = s
             if one_sweep:
-                run.backend.row_grad(logits, t_c, stats.lse, stats.entropy, g * w_c,
-                                     None if b_c is None else g * b_c, ii, out=logits)
+                coefs = _terms.grad_coefs(params, stats, keep_c, terms, g1[sl], v_size)
+                params.backend.row_grad(logits, t_c, stats, coefs, params, out=logits)
                 grads.add_chunk(start, logits[0], h_c, weight)
             del logits
 
-        stats = RowStats(*stat_bufs)
-        if obj.batch_level:
-            value, w_all, beta_all = token_terms(obj, stats, keep, run.shape, scale)
-        loss = reduce(value, run.reduction, norm, run.shape).to(h.dtype)
-        ctx.run, ctx.one_sweep = run, one_sweep
-        if one_sweep:
-            ctx.save_for_backward(*grads.final(h, weight, bias))
+        stats = stat_bufs
+        if weighting.batch_level:
+            terms = _terms.weighting_terms(params, stats, keep, scale)
+            z_loss = _terms.z_loss_terms(params, stats, keep)
+            value = _terms.total_value(params, stats, terms, z_loss)
         else:
-            ctx.save_for_backward(h, weight, bias, target, stats.lse, stats.entropy, w_all, beta_all, norm)
-        extras = (w_all, *stats)
-        ctx.mark_non_differentiable(*extras)
+            joined = {k: torch.cat(v) if v and v[0] is not None else None for k, v in parts.items()}
+            if n == 0:
+                joined["value"] = joined["w"] = torch.zeros(0, dtype=acc, device=h.device)
+            terms = Terms(joined["value"], joined["w"], joined["beta"])
+            value, z_loss = joined["value"], joined["z_loss"]
+        loss = _terms.reduce(value, params.reduction, norm, params.shape)
+        ctx.params, ctx.one_sweep = params, one_sweep
+        ctx.save_for_backward(h, weight, bias, target, stats.lse, stats.logp_t, stats.entropy, stats.logit_mean,
+                              terms.w, terms.beta, norm, *(grads.final(weight, bias) if one_sweep else ()))
+        extras = (terms.w, z_loss, *stats)
+        ctx.mark_non_differentiable(*(t for t in extras if t is not None))
         return (loss, *extras)
 
     @staticmethod
     def backward(ctx, grad_loss, *_):
-        run = ctx.run
-        if ctx.one_sweep:  # the gradients were formed in forward for an upstream gradient of 1
-            saved = ctx.saved_tensors
-            if not bool(grad_loss == 1):
-                g = grad_loss.to(torch.float32)
-                saved = [None if t is None else (t * g).to(t.dtype) for t in saved]
-            return (*saved, None, None, None, None)
-        h, weight, bias, target, lse, entropy, w, beta, norm = ctx.saved_tensors
-        grads = _Grads(h, weight, bias, _needs_grads(ctx, bias))
-        g = upstream(grad_loss, run.reduction, norm, w.dtype)
-        g = g.expand(w.shape) if g.dim() == 0 else g
-        for start in range(0, h.shape[0], run.rows):
-            stop = min(h.shape[0], start + run.rows)
-            h_c = h[start:stop]
-            logits = _logits(h_c, weight, bias)[None]
-            g_c = g[start:stop]
-            gb = None if beta is None else g_c * beta[start:stop]
-            run.backend.row_grad(logits, target[start:stop], lse[start:stop], entropy[start:stop],
-                                 g_c * w[start:stop], gb, run.ignore_index, out=logits)
-            grads.add_chunk(start, logits[0], h_c, weight)
-            del logits
-        return (*grads.final(h, weight, bias), None, None, None, None)
+        params = ctx.params
+        h, weight, bias, target, lse, logp_t, entropy, logit_mean, w, beta, norm, *stored = ctx.saved_tensors
+        if ctx.one_sweep and _power_of_two(grad_loss):
+            # formed in forward for an upstream gradient of 1: scaling by a power of two is exact
+            g = grad_loss.float()
+            scaled = [None if t is None else t if bool(g == 1) else (t * g).to(t.dtype) for t in stored]
+            return (*scaled, None, None, None, None)
+        with torch.autocast(h.device.type, enabled=False):
+            keep = target != params.ignore_index
+            needs = _needs_grads(ctx, bias)
+            grads = _Grads(h, weight, bias, needs, params.acc_policy)
+            g = _terms.upstream(grad_loss, params.reduction, norm, h.shape[0], w.dtype)
+            for start in range(0, h.shape[0], params.rows):
+                sl = slice(start, min(h.shape[0], start + params.rows))
+                h_c = h[sl]
+                logits = _logits(h_c, weight, bias)[None]
+                stats = RowStats(lse[sl], logp_t[sl], None, None, entropy[sl], None,
+                                 None if logit_mean is None else logit_mean[sl])
+                terms = Terms(None, w[sl], None if beta is None else beta[sl])
+                coefs = _terms.grad_coefs(params, stats, keep[sl], terms, g[sl], weight.shape[0])
+                params.backend.row_grad(logits, target[sl], stats, coefs, params, out=logits)
+                grads.add_chunk(start, logits[0], h_c, weight)
+                del logits
+            return (*grads.final(weight, bias), None, None, None, None)
 
 
-@torch.compiler.disable
+def autocast_inputs(*tensors):
+    """Cast to the autocast dtype where ``torch.autocast`` is on for the tensors' device, as
+    ``F.linear`` would (gradients flow back through the cast)."""
+    dev = tensors[0].device.type
+    if not torch.is_autocast_enabled(dev):
+        return tensors
+    dt = torch.get_autocast_dtype(dev)
+    return tuple(None if t is None else t.to(dt) for t in tensors)
+
+
+@_inputs.eager
 def linear_cross_entropy(
     input: torch.Tensor,
     linear_weight: torch.Tensor,
     target: torch.Tensor,
     *,
     linear_bias: torch.Tensor | None = None,
-    weighting="ranktuner",
-    ignore_index: int = -100,
+    weight: torch.Tensor | None = None,
     reduction: str = "mean",
+    ignore_index: int | None = -100,
+    label_smoothing: float = 0.0,
+    options=None,
+    weighting="sft",
+    softcap: float | None = None,
+    temperature: float = 1.0,
+    z_loss: float = 0.0,
     num_items_in_batch=None,
     token_weight: torch.Tensor | None = None,
     sequence_weight: torch.Tensor | None = None,
     return_stats: bool = False,
     chunk_size: int | None = None,
+    acc_policy: str = "auto",
     impl: str = "auto",
 ):
     """Token-reweighted cross-entropy of ``input @ linear_weight.T + linear_bias`` without
-    materialising the logits; shaped after ``torch.nn.functional.linear_cross_entropy``.
+    materialising the logits; ``torch.nn.functional.linear_cross_entropy``'s signature and
+    defaults (plain cross-entropy unless ``weighting`` is given).
 
     Args:
-        input: ``[N, D]`` or ``[B, T, D]`` hidden states (float32, bfloat16, float16; float64 on
-            the reference).
+        input: ``[N, D]``, ``[B, T, D]`` (any leading shape, or unbatched ``[D]``) hidden states
+            (float32, bfloat16, float16; float64 on the reference).
         linear_weight: ``[V, D]`` LM head, same dtype and device as ``input``.
-        target: ``[N]`` or ``[B, T]`` class indices in ``[0, V)`` or ``ignore_index``.
+        target: the input's leading shape: class indices in ``[0, V)`` or ``ignore_index``.
         linear_bias: optional ``[V]``.
-        chunk_size: rows per chunk (default: 256 MiB of logits, see the module docstring).
+        weight, reduction, ignore_index (None means -100), label_smoothing: as in
+            ``F.linear_cross_entropy``.
+        options: torch's ``LinearCrossEntropyOptions``: its ``batch_chunk_size`` and
+            ``acc_policy`` are honoured; other fields are refused.
+        chunk_size: rows per chunk (default: the chunk rule of the module docstring): the
+            memory-time knob, peak extra memory grows by ``chunk_size * V * itemsize``.
+        acc_policy: ``"auto"`` (compact for 16-bit weights), ``"compact"`` or ``"accurate"``.
         The other arguments are those of :func:`ranktuner_kernels.cross_entropy`.
 
+    Under ``torch.autocast`` the inputs are cast to the autocast dtype, as ``F.linear`` does.
+
     Returns:
-        the loss, and the stats dict if ``return_stats``. Gradients flow to ``input``,
-        ``linear_weight`` and ``linear_bias``; the weight and bias gradients are accumulated
-        in float32 across chunks, then cast to the parameters' dtype.
+        the loss in float32 (float64 for float64 input), and the stats dict if
+        ``return_stats``. Gradients flow to ``input``, ``linear_weight`` and ``linear_bias``.
     """
-    objective = resolve(weighting)
-    _inputs.check_reduction(reduction)
-    _inputs.check_float("input", input, dims=(2, 3))
+    weighting = resolve(weighting)
+    ignore_index = _inputs.check_ignore_index(ignore_index)
+    tr, label_smoothing, z_loss = check_options(reduction, softcap, temperature, label_smoothing, z_loss)
+    chunk_size, acc_policy = _torch_options(options, chunk_size, acc_policy)
+    _inputs.check_float("input", input)
+    if input.dim() == 0:
+        raise ValueError("input: expected [..., D] hidden states, got a 0-D tensor")
     _inputs.check_float("linear_weight", linear_weight, dims=(2,))
     if linear_weight.shape[1] != input.shape[-1]:
         raise ValueError(f"linear_weight: shape {tuple(linear_weight.shape)} needs [V, {input.shape[-1]}] to match input")
     if linear_weight.shape[0] == 0:
         raise ValueError("linear_weight: the vocabulary (first) dimension is empty")
+    input, linear_weight, linear_bias = autocast_inputs(input, linear_weight, linear_bias)
     for name, t in (("linear_weight", linear_weight), ("linear_bias", linear_bias)):
         if t is None:
             continue
@@ -276,14 +325,39 @@ def linear_cross_entropy(
         raise ValueError(f"linear_bias: expected shape ({linear_weight.shape[0]},), got {tuple(linear_bias.shape)}")
     shape = tuple(input.shape[:-1])
     v_size = linear_weight.shape[0]
-    flat_target = _inputs.check_target(target, shape, ignore_index, input, "input")
+    flat_target = _inputs.check_target(target, shape, input, "input")
     scale = _inputs.caller_scale(token_weight, sequence_weight, shape, input)
+    cw = _inputs.class_weight(weight, v_size, flat_target, ignore_index, input)
+    if cw is not None:
+        if label_smoothing > 0:
+            raise ValueError("weight: a class weight with label_smoothing is not supported")
+        scale = cw if scale is None else scale * cw
     h = input.reshape(-1, input.shape[-1])
-    weight_grad = torch.is_grad_enabled() and linear_weight.requires_grad
-    rows = chunk_rows(h.shape[0], v_size, h.shape[1], input.element_size(), chunk_size, weight_grad)
-    _inputs.check_target_range(flat_target, v_size, ignore_index)  # once, before 6NDV FLOPs of work
-    run = _Run(objective, ignore_index, reduction, shape, get_backend(impl, input), rows, torch.is_grad_enabled())
-    loss, *extras = LinearTokenLossFunction.apply(h, linear_weight, linear_bias, flat_target, scale, num_items_in_batch, run)
+    policy = resolve_policy(acc_policy, linear_weight.dtype)
+    f32_cast = policy == "accurate" and torch.is_grad_enabled() and linear_weight.requires_grad
+    rows = chunk_rows(h.shape[0], v_size, h.shape[1], input.element_size(), chunk_size, input.device.type, f32_cast)
+    _inputs.check_range(flat_target, v_size, ignore_index, num_items_in_batch)  # once, before 6NDV FLOPs
+    keep = flat_target != ignore_index
+    norm = _inputs.normaliser(reduction, keep, num_items_in_batch, compute_dtype(input.dtype), cw)
+    params = LossParams(weighting, get_backend(impl, input), shape, ignore_index, reduction, tr, label_smoothing,
+                        z_loss, rows=rows, acc_policy=policy, grad_enabled=torch.is_grad_enabled())
+    with torch.autocast(input.device.type, enabled=False):
+        loss, w, zl, *stats = LinearTokenLossFunction.apply(h, linear_weight, linear_bias, flat_target, scale, norm,
+                                                            params)
     if return_stats:
-        return loss, stats_dict(shape, *extras)
+        return loss, stats_dict(shape, keep, w, zl, RowStats(*stats))
     return loss
+
+
+def _torch_options(options, chunk_size, acc_policy):
+    """``(chunk_size, acc_policy)`` from torch's ``LinearCrossEntropyOptions`` (or None)."""
+    if options is None:
+        return chunk_size, acc_policy
+    for field in ("batch_chunk_size", "acc_policy"):
+        if not hasattr(options, field):
+            raise TypeError(f"options: expected torch.nn.LinearCrossEntropyOptions, got {type(options).__name__}")
+    if getattr(options, "acc_dtype", None) is not None or getattr(options, "allow_retain_graph", False):
+        raise ValueError("options: acc_dtype and allow_retain_graph are not supported (use acc_policy=)")
+    if options.acc_policy not in ("auto", "accurate", "compact"):
+        raise ValueError(f"options: acc_policy {options.acc_policy!r} is not supported; use 'accurate' or 'compact'")
+    return options.batch_chunk_size or chunk_size, options.acc_policy

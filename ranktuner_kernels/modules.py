@@ -5,31 +5,30 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .token_loss import cross_entropy
 from .linear_loss import linear_cross_entropy
-from .objectives import resolve
+from .token_loss import cross_entropy
+from .weightings import resolve
 
 
 class TokenReweightedLoss(nn.Module):
     """``loss_fn(logits, target)`` = :func:`ranktuner_kernels.cross_entropy` with fixed settings.
 
-    Example: ``loss_fn = rk.TokenReweightedLoss("ranktuner")``; ``loss = loss_fn(logits, labels)``.
-    Per-call keyword arguments (``token_weight``, ``num_items_in_batch``, ...) pass through.
+    Example: ``loss_fn = rk.TokenReweightedLoss("ranktuner", ignore_index=-100)``;
+    ``loss = loss_fn(logits[:, :-1], labels[:, 1:])``. Any keyword option of
+    ``rk.cross_entropy`` may be fixed here (``softcap=30.0``, ``label_smoothing=0.1``, ...);
+    per-call keyword arguments (``token_weight``, ``num_items_in_batch``, ...) override them.
     """
 
-    def __init__(self, weighting="ranktuner", *, ignore_index=-100, reduction="mean", inplace_backward=False, impl="auto"):
+    def __init__(self, weighting="sft", **options):
         super().__init__()
-        self.objective = resolve(weighting)
-        self.ignore_index, self.reduction = ignore_index, reduction
-        self.inplace_backward, self.impl = inplace_backward, impl
+        self.weighting = resolve(weighting)
+        self.options = options
 
     def forward(self, input: torch.Tensor, target: torch.Tensor, **kwargs):
-        opts = dict(ignore_index=self.ignore_index, reduction=self.reduction, inplace_backward=self.inplace_backward, impl=self.impl)
-        opts.update(kwargs)
-        return cross_entropy(input, target, self.objective, **opts)
+        return cross_entropy(input, target, weighting=self.weighting, **{**self.options, **kwargs})
 
     def extra_repr(self):
-        return f"{self.objective}, reduction={self.reduction!r}, ignore_index={self.ignore_index}"
+        return ", ".join([repr(self.weighting)] + [f"{k}={v!r}" for k, v in self.options.items()])
 
 
 class LinearTokenReweightedLoss(nn.Module):
@@ -37,22 +36,25 @@ class LinearTokenReweightedLoss(nn.Module):
     optional ``bias``), as :func:`ranktuner_kernels.linear_cross_entropy`.
 
     ``LinearTokenReweightedLoss.from_linear(model.lm_head, "ranktuner")`` shares the head's
-    parameters; gradients flow to them.
+    parameters; gradients flow to them. Example:
+    ``loss = head_loss(hidden[:, :-1], labels[:, 1:])`` with ``hidden`` the final hidden states.
     """
 
-    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None = None, weighting="ranktuner", *,
-                 ignore_index=-100, reduction="mean", chunk_size=None, impl="auto"):
+    def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None = None, weighting="sft", **options):
         super().__init__()
         self.weight, self.bias = weight, bias
-        self.objective = resolve(weighting)
-        self.ignore_index, self.reduction, self.chunk_size, self.impl = ignore_index, reduction, chunk_size, impl
+        self.weighting = resolve(weighting)
+        self.options = options
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, weighting="ranktuner", **kwargs):
-        return cls(linear.weight, linear.bias, weighting, **kwargs)
+    def from_linear(cls, linear: nn.Linear, weighting="sft", **options):
+        return cls(linear.weight, linear.bias, weighting, **options)
 
     def forward(self, input: torch.Tensor, target: torch.Tensor, **kwargs):
-        opts = dict(linear_bias=self.bias, weighting=self.objective, ignore_index=self.ignore_index,
-                    reduction=self.reduction, chunk_size=self.chunk_size, impl=self.impl)
-        opts.update(kwargs)
-        return linear_cross_entropy(input, self.weight, target, **opts)
+        opts = {"linear_bias": self.bias, **self.options, **kwargs}
+        return linear_cross_entropy(input, self.weight, target, weighting=self.weighting, **opts)
+
+    def extra_repr(self):
+        v, d = self.weight.shape
+        return ", ".join([f"vocab={v}, hidden={d}, bias={self.bias is not None}", repr(self.weighting)]
+                         + [f"{k}={v!r}" for k, v in self.options.items()])

@@ -3,12 +3,15 @@
 Plain, readable torch that follows the SPEC line by line. It computes in float32
 (float64 for float64 logits) and processes rows in chunks of at most
 ``CHUNK_ELEMENTS`` logits, so its peak extra memory is a small multiple of one chunk:
-it doubles as the CPU fallback of every public function.
+it doubles as the CPU fallback of every public function. It imports nothing from the
+public package; ``stats`` holds the types that the kernels and the package share.
 """
 
 from .rows import CHUNK_ELEMENTS, row_chunks
 from .row_stats import compute_dtype, row_stats
 from .row_grad import row_grad
+from .stats import GradCoefs, RowStats, Transform
 from .topk_entropy import topk_entropy
 
-__all__ = ["CHUNK_ELEMENTS", "compute_dtype", "row_chunks", "row_stats", "row_grad", "topk_entropy"]
+__all__ = ["CHUNK_ELEMENTS", "GradCoefs", "RowStats", "Transform", "compute_dtype", "row_chunks",
+           "row_stats", "row_grad", "topk_entropy"]

@@ -1,28 +1,47 @@
-"""Reference gradient: ``dz_i = gw_t (p_i - 1[i=y]) + gb_t p_i (log p_i + H_t)``."""
+"""Reference gradient (SPEC, "One mechanism"):
+``dz_i = J_i (ga p_i - gy 1[i=y] - gc + gb p_i (log p_i + H))`` with ``J = dz'/dz``."""
 
 import torch
 
+from . import transform
 from .row_stats import compute_dtype
 from .rows import row_chunks
+from .stats import GradCoefs, Transform
 
 
-def row_grad(logits, target, lse, entropy, gw, gb, ignore_index, out, chunk_elements=None):
+def row_grad(logits, target, lse, logp_t, entropy, coefs: GradCoefs, ignore_index, out,
+             tr: Transform = Transform(), chunk_elements=None):
     """Write the gradient of ``[B, T, V]`` logits into ``out`` (same shape; may be ``logits``).
 
-    ``lse``, ``entropy``: the row statistics ``[B*T]``; ``gw = g_t * w_t`` and
-    ``gb = g_t * beta_t`` (``None`` for no entropy term), ``g_t`` the upstream gradient
-    over the normaliser. Ignored rows get zeros. Returns ``out``.
+    ``lse``, ``logp_t``, ``entropy``: the row statistics ``[B*T]``; ``coefs``: the per-token
+    coefficients (already times the upstream gradient over the normaliser). The target's
+    element uses ``1 - p_t = -expm1(logp_t)``, so a confident token keeps its gradient.
+    Ignored rows get zeros. Returns ``out``.
     """
     dt = compute_dtype(logits.dtype)
     for start, stop, rows in row_chunks(logits, chunk_elements):
-        y = target[start:stop]
+        sl = slice(start, stop)
+        y = target[sl]
         keep = (y != ignore_index).unsqueeze(1)
-        logp = rows.to(dt) - lse[start:stop, None]
+        y_col = torch.where(keep, y.unsqueeze(1), 0)
+        raw = rows.to(dt)
+        logp = transform.apply(raw, tr) - lse[sl, None]
         p = logp.exp()
-        onehot = torch.zeros_like(p).scatter_(1, torch.where(keep, y.unsqueeze(1), 0), 1.0)
-        d = gw[start:stop, None] * (p - onehot)
-        if gb is not None:
-            d = d + gb[start:stop, None] * torch.where(p > 0, p * (logp + entropy[start:stop, None]), 0)
+        ga = coefs.ga[sl, None]
+        gy = ga if coefs.gy is None else coefs.gy[sl, None]
+        d = ga * p
+        p_t = logp_t[sl, None].exp()
+        d_y = (ga - gy) * p_t + gy * torch.expm1(logp_t[sl, None])
+        if coefs.gb is not None:
+            h = entropy[sl, None]
+            d = d + coefs.gb[sl, None] * torch.where(p > 0, p * (logp + h), 0)
+            d_y = d_y + coefs.gb[sl, None] * torch.where(p_t > 0, p_t * (logp_t[sl, None] + h), 0)
+        d = d.scatter(1, y_col, d_y)
+        if coefs.gc is not None:
+            d = d - coefs.gc[sl, None]
+        jac = transform.derivative(raw, tr)
+        if jac is not None:
+            d = d * jac
         b, t0 = divmod(start, logits.shape[1])
         out[b, t0 : t0 + (stop - start)] = torch.where(keep, d, 0)
     return out

@@ -1,10 +1,10 @@
-"""Reference row statistics: ``lse``, ``z_y``, ``max z``, entropy and rank per token."""
+"""Reference row statistics: ``lse``, ``log p_t``, ``z'_y``, ``max z'``, entropy and rank."""
 
 import torch
 
-from ranktuner_kernels.objectives import RowStats
-
+from . import transform
 from .rows import row_chunks
+from .stats import RowStats, Transform
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -12,32 +12,54 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def row_stats(logits: torch.Tensor, target: torch.Tensor, ignore_index: int, chunk_elements=None) -> RowStats:
-    """Row statistics of ``[B, T, V]`` logits for ``[B*T]`` int64 targets.
+#: Where ``m - z'_y`` is at least this, ``log p_t`` is formed directly (no cancellation there).
+FAR = 30.0
 
-    ``lse = log sum exp z``; ``H = -sum p_i log p_i`` (terms with ``p_i = 0`` count 0);
-    ``rank = #{i : z_i >= z_y}`` compared in the logits' own precision. Ignored rows: zeros.
+
+def target_terms(e, d, y_col):
+    """``(log s, -log p_t)`` of rows with ``e = exp(z' - m) [C, V]``, ``d = m - z'_y [C]`` and
+    targets ``y_col [C, 1]``, where ``s = sum_i e_i``: ``-log p_t = log1p(u e^d)`` with ``u``
+    the non-target mass ``sum_{i != y} e_i`` (SPEC, "Confident tokens")."""
+    u = e.scatter(1, y_col, 0.0).sum(1)
+    far = ~(d < FAR)  # also NaN: the direct form propagates it
+    s = u + torch.exp(-d)
+    nll = torch.where(far, d + torch.log(s), torch.log1p(u * torch.exp(torch.where(far, 0.0, d))))
+    log_s = torch.where(far, torch.log(s), nll - d)
+    return log_s, nll
+
+
+def row_stats(logits: torch.Tensor, target: torch.Tensor, ignore_index: int, tr: Transform = Transform(),
+              with_mean: bool = False, chunk_elements=None) -> RowStats:
+    """Row statistics of ``[B, T, V]`` logits for ``[B*T]`` int64 targets (SPEC).
+
+    ``H = log s - sum_i e_i (z'_i - m) / s`` with ``e_i = exp(z'_i - m)`` (terms with
+    ``e_i = 0`` count 0); ``rank`` compares the untransformed logits in their own precision
+    (the transform is increasing). NaN or ``+inf`` in a row makes every statistic NaN.
+    Ignored rows: zeros. ``with_mean``: also ``logit_mean`` (label smoothing).
     """
     n = target.numel()
     dt = compute_dtype(logits.dtype)
-    out = [torch.zeros(n, dtype=dt, device=logits.device) for _ in range(4)]
+    fields = 6 if with_mean else 5
+    out = [torch.zeros(n, dtype=dt, device=logits.device) for _ in range(fields)]
     rank = torch.zeros(n, dtype=torch.int64, device=logits.device)
     for start, stop, rows in row_chunks(logits, chunk_elements):
         y = target[start:stop]
         keep = y != ignore_index
-        y_safe = torch.where(keep, y, 0).unsqueeze(1)
-        z_y_raw = rows.gather(1, y_safe)
-        rank_c = (rows >= z_y_raw).sum(1)
-        z = rows.to(dt)
-        lse = torch.logsumexp(z, dim=1)
-        # NaN or +inf anywhere in the row: every statistic is NaN, never a finite wrong number
-        lse = torch.where((z.isnan() | z.isposinf()).any(1), float("nan"), lse)
-        logp = z - lse.unsqueeze(1)
-        p = logp.exp()
-        entropy = -torch.where(p > 0, p * logp, 0).sum(1)
-        entropy = torch.where(lse.isnan(), lse, entropy)
-        stats_c = (lse, z_y_raw.squeeze(1).to(dt), z.amax(1), entropy)
+        y_col = torch.where(keep, y, 0).unsqueeze(1)
+        rank_c = (rows >= rows.gather(1, y_col)).sum(1)
+        z = transform.apply(rows.to(dt), tr)
+        bad = (z.isnan() | z.isposinf()).any(1)
+        m = torch.where(bad, float("nan"), z.amax(1))
+        z_y = z.gather(1, y_col)[:, 0]
+        e = torch.exp(z - m[:, None])
+        log_s, nll = target_terms(e, m - z_y, y_col)
+        a = torch.where(e > 0, e * (z - m[:, None]), 0).sum(1)
+        entropy = log_s - a / torch.exp(log_s)
+        stats_c = [m + log_s, -nll, z_y, m, entropy]
+        if with_mean:
+            stats_c.append(z.mean(1))
         for o, s in zip(out, stats_c):
             o[start:stop] = torch.where(keep, s, 0)
         rank[start:stop] = torch.where(keep, rank_c, 0)
-    return RowStats(*out, rank)
+    lse, logp, zy, m, ent, *mean = out
+    return RowStats(lse, logp, zy, m, ent, rank, mean[0] if mean else None)

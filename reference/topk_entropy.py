@@ -2,12 +2,14 @@
 
 import torch
 
+from . import transform
 from .row_stats import compute_dtype
 from .rows import row_chunks
+from .stats import Transform
 
 
-def topk_entropy(logits, target, k, ignore_index, chunk_elements=None):
-    """``[B*T]`` entropy (nats) of ``softmax(topk(z, min(k, V)))`` per row; ignored rows: 0.
+def topk_entropy(logits, target, k, ignore_index, tr: Transform = Transform(), chunk_elements=None):
+    """``[B*T]`` entropy (nats) of ``softmax(topk(z', min(k, V)))`` per row; ignored rows: 0.
 
     Used by both the reference and the kernel path: EAFT's top-K needs a sort-like pass
     that the streaming kernels do not carry, and ``torch.topk`` is exact.
@@ -16,9 +18,14 @@ def topk_entropy(logits, target, k, ignore_index, chunk_elements=None):
     out = torch.zeros(target.numel(), dtype=dt, device=logits.device)
     k = min(k, logits.shape[-1])
     for start, stop, rows in row_chunks(logits, chunk_elements):
-        top = rows.topk(k, dim=1, sorted=False).values.to(dt)
-        logp = torch.log_softmax(top, dim=1)
-        h = -torch.where(logp.exp() > 0, logp.exp() * logp, 0).sum(1)
+        top = transform.apply(rows.topk(k, dim=1, sorted=False).values.to(dt), tr)
+        # H = log s - sum_i e_i (z_i - m) / s with s = 1 + u, u the mass besides the max:
+        # log1p(u) keeps a confident row's tiny entropy (log_softmax would cancel it away)
+        m, arg = top.max(1, keepdim=True)
+        e = torch.exp(top - m)
+        u = e.scatter(1, arg, 0.0).sum(1)
+        a = torch.where(e > 0, e * (top - m), 0).sum(1)
+        h = torch.log1p(u) - a / (1 + u)
         h = torch.where(top.isnan().any(1), float("nan"), h)
         keep = target[start:stop] != ignore_index
         out[start:stop] = torch.where(keep, h, 0)

@@ -21,7 +21,7 @@ CONFIGS = [
     rk.EntropyReg(), rk.EntropyReg(0.5),
     rk.Focal(2.0), rk.Focal(0.5), rk.Focal(0.0),
 ]
-NAMES = sorted(rk.objectives.OBJECTIVES)
+NAMES = sorted(rk.weightings.WEIGHTINGS)
 
 
 def cid(obj):

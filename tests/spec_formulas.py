@@ -1,8 +1,11 @@
 """SPEC.md written out naively in float64, independent of the library's code paths.
 
 Materialises the full softmax, takes gradients with autograd: through ``p`` for the f(p)
-objectives (alpha_power, focal), through ``H`` for entropy_reg, and through ``-log p_t``
-with detached weights elsewhere. Used only to check the reference.
+weightings (alpha_power, focal), through ``H`` for entropy_reg, and through ``-log p_t``
+with detached weights elsewhere; through ``c tanh(z / c) / T`` for the soft-cap and the
+temperature, through the smoothing term (times the detached ``w`` of SPEC's table) and
+through ``lam lse^2``. ``obj`` may be any object with the weighting's ``name`` and options
+(a ``types.SimpleNamespace`` pins documented defaults independently of the dataclasses).
 """
 
 import math
@@ -40,10 +43,13 @@ def _k(xi, mode):
 
 
 def spec_loss(logits, target, obj, *, ignore_index=-100, reduction="mean", num_items=None,
-              token_weight=None, sequence_weight=None):
+              token_weight=None, sequence_weight=None, softcap=None, temperature=1.0, label_smoothing=0.0,
+              z_loss=0.0):
     """``logits [..., V]`` float64 (requires grad), ``target [...]``; ``obj`` a config object."""
     shape = target.shape
-    z = logits.reshape(-1, logits.shape[-1])
+    z_raw = logits.reshape(-1, logits.shape[-1])
+    z = z_raw if softcap is None else softcap * torch.tanh(z_raw / softcap)
+    z = z / temperature
     y = target.reshape(-1)
     keep = y != ignore_index
     y0 = torch.where(keep, y, 0)
@@ -57,12 +63,13 @@ def spec_loss(logits, target, obj, *, ignore_index=-100, reduction="mean", num_i
     name = obj.name
     nll = -logp
     d = lambda t: t.detach()  # noqa: E731
+    w_table = None  # SPEC's w column where the value is not w * (-log p_t)
     if name == "sft":
         value = nll
     elif name == "dft":
         value = d(p) * nll
     elif name == "ranktuner":
-        r = _rank(d(z), d(z_y))
+        r = _rank(d(z_raw), d(z_raw.gather(1, y0[:, None])[:, 0]))
         s = _s_of_h(d(entropy) / math.log(2), d(p_max))
         k = _k(_xi(r, s, obj.xi), obj.k)
         if obj.ablation is None:
@@ -97,20 +104,31 @@ def spec_loss(logits, target, obj, *, ignore_index=-100, reduction="mean", num_i
         value = torch.where(is_max, obj.lam, 1.0) * nll
     elif name == "alpha_power":
         value = (1 - p**obj.alpha) / obj.alpha
+        w_table = d(p) ** obj.alpha
     elif name == "threshold":
         value = ((d(p) >= obj.low) & (d(p) <= obj.high)).double() * nll
     elif name == "entropy_reg":
         value = nll - obj.alpha * entropy
+        w_table = torch.ones_like(nll)
     elif name == "focal":
         value = -((1 - p) ** obj.gamma) * logp
+        q, pp = 1 - d(p), d(p)
+        w_table = q ** (obj.gamma - 1) * (q - obj.gamma * pp * d(logp)) if obj.gamma != 0 else torch.ones_like(q)
     else:
         raise ValueError(name)
+    if label_smoothing:
+        w = w_table if w_table is not None else d(value) / d(nll)  # value = w * (-log p_t)
+        smooth = -logp_all.mean(-1)  # the cross-entropy against the uniform distribution
+        value = value + label_smoothing * w * (smooth - nll)
     mult = torch.ones_like(value)
     if token_weight is not None:
         mult = mult * token_weight.reshape(-1).double()
     if sequence_weight is not None:
         mult = mult * sequence_weight.double()[:, None].expand(shape).reshape(-1)
-    value = torch.where(keep, value * mult, 0)
+    value = value * mult
+    if z_loss:
+        value = value + z_loss * torch.logsumexp(z, -1) ** 2
+    value = torch.where(keep, value, 0)
     if reduction == "none":
         return value.reshape(shape)
     if reduction == "sum":

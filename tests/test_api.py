@@ -21,10 +21,10 @@ BAD_CALLS = [
     (lambda z, y: rk.cross_entropy(z, torch.full_like(y, 9)), ValueError, "target"),
     (lambda z, y: rk.cross_entropy(z, torch.full_like(y, -1)), ValueError, "target"),
     (lambda z, y: rk.cross_entropy(z.int(), y), TypeError, "input"),
-    (lambda z, y: rk.cross_entropy(z[0, 0], y[0, 0]), ValueError, "input"),
+    (lambda z, y: rk.cross_entropy(z[None], y[None]), ValueError, "input"),
     (lambda z, y: rk.cross_entropy(z.tolist(), y), TypeError, "input"),
-    (lambda z, y: rk.cross_entropy(z, y, "nope"), ValueError, "weighting"),
-    (lambda z, y: rk.cross_entropy(z, y, 3), TypeError, "weighting"),
+    (lambda z, y: rk.cross_entropy(z, y, weighting="nope"), ValueError, "weighting"),
+    (lambda z, y: rk.cross_entropy(z, y, weighting=3), TypeError, "weighting"),
     (lambda z, y: rk.cross_entropy(z, y, reduction="avg"), ValueError, "reduction"),
     (lambda z, y: rk.cross_entropy(z, y, impl="cuda"), ValueError, "impl"),
     (lambda z, y: rk.cross_entropy(z, y, token_weight=torch.ones(3)), ValueError, "token_weight"),
@@ -33,7 +33,7 @@ BAD_CALLS = [
     (lambda z, y: rk.cross_entropy(z, y, num_items_in_batch=-1), ValueError, "num_items_in_batch"),
     (lambda z, y: rk.cross_entropy(z, y, num_items_in_batch="3"), TypeError, "num_items_in_batch"),
     (lambda z, y: rk.cross_entropy(z, y, ignore_index=1.5), TypeError, "ignore_index"),
-    (lambda z, y: rk.cross_entropy(z[0], y[0], "talr"), ValueError, "TALR"),
+    (lambda z, y: rk.cross_entropy(z[0], y[0], weighting="talr"), ValueError, "TALR"),
     (lambda z, y: rk.cross_entropy(z, y, impl="triton") if z.dtype == torch.float64 else None, TypeError, "dtype"),
 ]
 
@@ -80,7 +80,7 @@ def test_mixed_devices_raise():
 def test_nan_or_inf_in_a_kept_row_gives_nan(name, impl, bad):
     z, y = make_batch(2, 3, 33, torch.float32, DEVICE)
     z[0, 2, 5] = bad
-    loss = rk.cross_entropy(z, y, name, impl=impl)
+    loss = rk.cross_entropy(z, y, weighting=name, impl=impl)
     assert math.isnan(float(loss))
 
 
@@ -89,7 +89,7 @@ def test_nan_in_an_ignored_row_is_not_read(impl):
     z, y = make_batch(2, 3, 33, torch.float32, DEVICE)
     z[0, 1] = float("nan")  # make_batch ignores token (0, 1)
     x = z.clone().requires_grad_()
-    loss = rk.cross_entropy(x, y, "ranktuner", impl=impl)
+    loss = rk.cross_entropy(x, y, weighting="ranktuner", impl=impl)
     loss.backward()
     assert math.isfinite(float(loss.detach()))
     assert torch.all(x.grad[0, 1] == 0) and not x.grad.isnan().any()
@@ -102,7 +102,7 @@ def test_neg_inf_logits_are_masked_vocabulary(impl):
     z[..., 20:] = float("-inf")
     y = y % 20
     x = z.clone().requires_grad_()
-    loss = rk.cross_entropy(x, y, "sft", impl=impl)
+    loss = rk.cross_entropy(x, y, weighting="sft", impl=impl)
     loss.backward()
     want = torch.nn.functional.cross_entropy(z[0, :, :20].double(), y[0])
     torch.testing.assert_close(loss.double(), want, rtol=1e-5, atol=1e-6)
@@ -119,7 +119,7 @@ def test_all_ignored_gives_zero_loss_and_gradient(name, reduction, impl):
     y = torch.full((2, 3), -100, device=DEVICE)
     x = z.clone().requires_grad_()
     name = rk.TALR(tau=1.0) if name == "talr" else name
-    loss = rk.cross_entropy(x, y, name, reduction=reduction, impl=impl)
+    loss = rk.cross_entropy(x, y, weighting=name, reduction=reduction, impl=impl)
     loss.sum().backward()
     assert torch.all(loss == 0)
     assert torch.all(x.grad == 0)
@@ -158,7 +158,7 @@ def test_non_contiguous_logits(impl):
 @pytest.mark.parametrize("name", ["ranktuner", "talr", "eaft", "entropy_reg"])
 def test_repeated_calls_are_bitwise_identical(name, impl):
     z, y = make_batch(2, 3, 300, torch.bfloat16, DEVICE)
-    runs = [loss_and_grads(lambda x: rk.cross_entropy(x, y, name, impl=impl), [z.clone().requires_grad_()]) for _ in range(2)]
+    runs = [loss_and_grads(lambda x: rk.cross_entropy(x, y, weighting=name, impl=impl), [z.clone().requires_grad_()]) for _ in range(2)]
     assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1][0], runs[1][1][0])
 
 
@@ -190,25 +190,30 @@ def test_return_stats_matches_token_stats(impl):
     assert set(st) == set(st2) | {"weight"}
     for k in st2:
         assert st[k].shape == y.shape
-        assert torch.equal(st[k], st2[k])
+        assert torch.equal(st[k], st2[k]) or torch.allclose(st[k], st2[k], equal_nan=True, rtol=0, atol=0)
     p = torch.softmax(z.double(), -1)
     keep = y != -100
     torch.testing.assert_close(st["p_t"][keep].double(), p.gather(2, y.clamp_min(0)[..., None])[..., 0][keep], rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(st["p_max"][keep].double(), p.max(-1).values[keep], rtol=1e-5, atol=1e-7)
+    assert torch.equal(st["accuracy"], keep & (z.argmax(-1) == y))
+    # ignored positions hold the documented values: NaN statistics, rank 0, not accurate, weight 0
+    for k in ("p_t", "logp_t", "entropy", "entropy_bits", "p_max", "lse"):
+        assert st[k][~keep].isnan().all() and not st[k][keep].isnan().any(), k
+    assert torch.all(st["rank"][~keep] == 0) and torch.all(st["weight"][~keep] == 0)
 
 
 def test_module_wrappers():
     z, y = make_batch(2, 3, 50, torch.float32, DEVICE)
     loss_fn = rk.TokenReweightedLoss(rk.DFT(), reduction="sum")
-    assert torch.equal(loss_fn(z, y), rk.cross_entropy(z, y, "dft", reduction="sum"))
-    assert torch.equal(loss_fn(z, y, reduction="none"), rk.cross_entropy(z, y, "dft", reduction="none"))
+    assert torch.equal(loss_fn(z, y), rk.cross_entropy(z, y, weighting="dft", reduction="sum"))
+    assert torch.equal(loss_fn(z, y, reduction="none"), rk.cross_entropy(z, y, weighting="dft", reduction="none"))
     head = torch.nn.Linear(8, 50, device=DEVICE)
     h = torch.randn(2, 3, 8, device=DEVICE)
     lin = rk.LinearTokenReweightedLoss.from_linear(head, "sft")
     loss = lin(h, y)
     loss.backward()
     assert head.weight.grad is not None and head.bias.grad is not None
-    torch.testing.assert_close(loss, rk.cross_entropy(head(h), y, "sft"), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss, rk.cross_entropy(head(h), y, weighting="sft"), rtol=1e-5, atol=1e-6)
 
 
 def test_compiled_training_step():
@@ -218,7 +223,7 @@ def test_compiled_training_step():
 
     def step(m):
         logits = m(tokens[:, :-1])
-        loss = rk.cross_entropy(logits, tokens[:, 1:], "ranktuner")
+        loss = rk.cross_entropy(logits, tokens[:, 1:], weighting="ranktuner")
         loss.backward()
         return loss
 
@@ -242,3 +247,62 @@ def test_out_of_range_targets_raise_on_every_path(impl, bad):
         rk.token_stats(z, y, impl=impl)
     with pytest.raises(ValueError, match="target: value"):
         rk.linear_cross_entropy(torch.randn(2, 3, 4, device=DEVICE), torch.randn(9, 4, device=DEVICE), y, impl=impl)
+
+
+# ---- inplace_backward: correct, or a clear error, on both implementations -------------------
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_inplace_backward_over_logits_saved_by_another_op_raises(impl):
+    """tanh saves its output for its backward: overwriting it would give a wrong u.grad."""
+    z, y = make_batch(2, 3, 20, torch.float32, DEVICE)
+    u = z.clone().requires_grad_()
+    loss = rk.cross_entropy(torch.tanh(u), y, impl=impl, inplace_backward=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_inplace_backward_twice_raises(impl):
+    z, y = make_batch(2, 3, 20, torch.float32, DEVICE)
+    x = z.clone().requires_grad_()
+    logits = x * 1.0
+    loss = rk.cross_entropy(logits, y, impl=impl, inplace_backward=True)
+    loss.backward(retain_graph=True)
+    first = x.grad.clone()
+    with pytest.raises(RuntimeError, match="inplace"):
+        loss.backward()
+    ref = z.clone().requires_grad_()
+    rk.cross_entropy(ref, y, impl=impl).backward()
+    torch.testing.assert_close(first, ref.grad)  # the first backward was right
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_inplace_backward_on_overlapping_memory_raises(impl):
+    b = torch.randn(1, 30, device=DEVICE).requires_grad_()
+    y = torch.randint(0, 30, (8,), device=DEVICE)
+    with pytest.raises(ValueError, match="input: inplace_backward"):
+        rk.cross_entropy(b.expand(8, 30), y, impl=impl, inplace_backward=True)
+    loss = rk.cross_entropy(b.expand(8, 30), y, impl=impl)  # without it: fine
+    loss.backward()
+    ref = b.detach().clone().requires_grad_()
+    torch.nn.functional.cross_entropy(ref.expand(8, 30), y).backward()
+    torch.testing.assert_close(b.grad, ref.grad)
+
+
+# ---- num_items_in_batch: NaN gives NaN, negative raises, 0 divides by 1 ---------------------
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_num_items_in_batch_nan_negative_and_zero(impl):
+    z, y = make_batch(2, 3, 20, torch.float32, DEVICE)
+    for nan in (float("nan"), torch.tensor(float("nan"), device=DEVICE)):
+        assert math.isnan(float(rk.cross_entropy(z, y, impl=impl, num_items_in_batch=nan)))
+        h, w = torch.randn(2, 3, 4, device=DEVICE), torch.randn(20, 4, device=DEVICE)
+        assert math.isnan(float(rk.linear_cross_entropy(h, w, y, impl=impl, num_items_in_batch=nan)))
+    for neg in (-4, -0.5, torch.tensor(-4, device=DEVICE), torch.tensor(-0.5, device=DEVICE)):
+        with pytest.raises(ValueError, match="num_items_in_batch"):
+            rk.cross_entropy(z, y, impl=impl, num_items_in_batch=neg)
+    total = rk.cross_entropy(z, y, impl=impl, reduction="sum")
+    for zero in (0, torch.tensor(0, device=DEVICE)):
+        assert torch.equal(rk.cross_entropy(z, y, impl=impl, num_items_in_batch=zero), total)

@@ -32,5 +32,5 @@ def test_demo_runs_and_checks_every_weighting():
         out = subprocess.run([sys.executable, "-m", "ranktuner_kernels", "--batch", "2", "--seq", "8", "--vocab", "100",
                               "--impl", impl], capture_output=True, text=True, timeout=600)
         assert out.returncode == 0, out.stdout + out.stderr
-        for name in sorted(rk.objectives.OBJECTIVES):
+        for name in sorted(rk.weightings.WEIGHTINGS):
             assert any(line.startswith(name) and line.rstrip().endswith("ok") for line in out.stdout.splitlines()), name

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import ranktuner_kernels as rk
+from ranktuner_kernels.reference import RowStats
 from helpers import CONFIGS, cid, loss_and_grads, make_batch
 from spec_formulas import spec_loss
 
@@ -22,25 +23,25 @@ def test_reference_matches_spec(obj, reduction, weights):
         kw = dict(token_weight=torch.rand(4, 6, generator=g, dtype=torch.float64),
                   sequence_weight=torch.rand(4, generator=g, dtype=torch.float64) + 0.5)
     x = logits.clone().requires_grad_()
-    ref, (g_ref,) = loss_and_grads(lambda z: rk.cross_entropy(z, target, obj, reduction=reduction, impl="reference", **kw), [x])
+    ref, (g_ref,) = loss_and_grads(lambda z: rk.cross_entropy(z, target, weighting=obj, reduction=reduction, impl="reference", **kw), [x])
     spec, (g_spec,) = loss_and_grads(lambda z: spec_loss(z, target, obj, reduction=reduction, **kw), [x])
     torch.testing.assert_close(ref, spec, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(g_ref, g_spec, rtol=1e-8, atol=1e-12)
 
 
-@pytest.mark.parametrize("name", sorted(rk.objectives.OBJECTIVES))
+@pytest.mark.parametrize("name", sorted(rk.weightings.WEIGHTINGS))
 def test_names_resolve_to_defaults(name):
     logits, target = make_batch(2, 5, 19, torch.float64, "cpu")
-    by_name = rk.cross_entropy(logits, target, name, impl="reference")
-    by_obj = rk.cross_entropy(logits, target, rk.objectives.OBJECTIVES[name](), impl="reference")
+    by_name = rk.cross_entropy(logits, target, weighting=name, impl="reference")
+    by_obj = rk.cross_entropy(logits, target, weighting=rk.weightings.WEIGHTINGS[name](), impl="reference")
     assert torch.equal(by_name, by_obj)
 
 
 def test_num_items_in_batch_divides_the_sum():
     logits, target = make_batch(2, 5, 19, torch.float64, "cpu")
-    total = rk.cross_entropy(logits, target, reduction="sum", impl="reference")
+    total = rk.cross_entropy(logits, target, reduction="sum", weighting="ranktuner", impl="reference")
     for n in (7, torch.tensor(7)):
-        got = rk.cross_entropy(logits, target, reduction="mean", num_items_in_batch=n, impl="reference")
+        got = rk.cross_entropy(logits, target, reduction="mean", num_items_in_batch=n, weighting="ranktuner", impl="reference")
         torch.testing.assert_close(got, total / 7)
     spec = spec_loss(logits, target, rk.RankTuner(), num_items=7)
     torch.testing.assert_close(got, spec)
@@ -51,8 +52,8 @@ def test_paper_k_values():
     rt = rk.RankTuner(k="cmvt", xi="max")
     for xi, expected in ((1, 0.5), (2, 0.265), (5, 0.125), (10, 0.076)):
         # a stats row with rank xi and s(H) < xi, so xi = max(R, s) = R
-        stats = rk.objectives.RowStats(*(torch.zeros(1, dtype=torch.float64) for _ in range(4)), torch.tensor([xi]))
-        stats = stats._replace(max_logit=torch.zeros(1, dtype=torch.float64))  # p_max = 1 -> s = 1
+        zero = torch.zeros(1, dtype=torch.float64)  # lse = max = 0: p_max = 1 -> s = 1
+        stats = RowStats(zero, zero, zero, zero, zero, torch.tensor([xi]))
         _, xi_t, k = rt.relative_scale_terms(stats)
         assert float(xi_t) == xi
         assert abs(float(k) - expected) < 5e-4, (xi, float(k))
@@ -111,6 +112,6 @@ def test_scale_is_one_where_p_times_s_is_one():
         lo, hi = (mid, hi) if excess(mid) < 0 else (lo, mid)
     assert abs(excess(lo)) < 1e-12
     logits, target = row(lo)
-    _, st = rk.cross_entropy(logits, target, rk.RankTuner(w0="one"), return_stats=True, impl="reference")
+    _, st = rk.cross_entropy(logits, target, weighting=rk.RankTuner(w0="one"), return_stats=True, impl="reference")
     assert abs(float(st["weight"]) - 1) < 1e-9
     assert abs(math.log(float(st["p_t"])) - float(st["logp_t"])) < 1e-12

@@ -1,16 +1,20 @@
-"""Objectives: small per-token epilogues on the O(N) row statistics.
+"""Weightings: the per-token part of every objective, one small config class each.
 
-Every objective maps the row statistics of token ``t`` (``SPEC.md``) to
+A weighting maps the row statistics of token ``t`` (SPEC.md) to its :class:`Terms`:
 
-* ``value_t``: the token's loss value,
-* ``w_t``: a detached weight on the NLL gradient,
-* ``beta_t``: a coefficient on the entropy gradient (0 but for ``entropy_reg``),
+* ``value``: the token's loss value,
+* ``w``: a detached weight on the NLL gradient,
+* ``beta``: a coefficient on the entropy gradient (0 but for ``entropy_reg``),
 
 so that ``dL/dz_i = g_t * (w_t * (p_i - 1[i = y]) + beta_t * p_i * (log p_i + H_t))``.
-The kernels stay generic; these functions run on ``[N]`` tensors only.
+The kernels stay generic; these formulas run on ``[N]`` tensors only.
 
-Each config is a frozen dataclass carrying its options; :func:`resolve` turns a
-name such as ``"ranktuner"`` into the default config.
+Each config is a frozen dataclass of its options with its torch formula (``terms``); a
+row-local weighting also has a Triton formula of the same name in
+``csrc_triton/weightings.py``, whose float options and ``tl.constexpr`` switches
+``kernel_args()`` gives. Adding one: its class here, its Triton formula, its oracle in
+``tests/spec_formulas.py``, its README row. :func:`resolve` turns a name such as
+``"ranktuner"`` into the default config.
 """
 
 from __future__ import annotations
@@ -21,38 +25,17 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from .reference import RowStats
+
 LN2 = math.log(2.0)
 
 
-class RowStats(NamedTuple):
-    """Per-token statistics, each ``[N]`` (float32, or float64 for float64 logits).
-
-    ``lse = log sum_i exp z_i``, ``target_logit = z_y``, ``max_logit = max_i z_i``,
-    ``entropy = -sum_i p_i log p_i`` (nats), ``rank = #{i : z_i >= z_y}`` (int64).
-    Ignored tokens hold zeros. Derived: ``logp_t = z_y - lse``, ``p_max = exp(max - lse)``.
-    """
-
-    lse: torch.Tensor
-    target_logit: torch.Tensor
-    max_logit: torch.Tensor
-    entropy: torch.Tensor
-    rank: torch.Tensor
-
-    @property
-    def logp_t(self) -> torch.Tensor:
-        return self.target_logit - self.lse
-
-    @property
-    def p_max(self) -> torch.Tensor:
-        return torch.exp(self.max_logit - self.lse)
-
-
 class Batch(NamedTuple):
-    """What an objective may need beyond the row statistics.
+    """What a weighting may need beyond the row statistics.
 
     ``keep``: ``[N]`` bool, the non-ignored tokens; ``shape``: the target's shape
     (``(N,)`` or ``(B, T)``); ``topk_entropy``: ``[N]`` entropy of the top-K softmax,
-    present only for objectives with ``needs_topk``.
+    present only for weightings with ``needs_topk``.
     """
 
     keep: torch.Tensor
@@ -60,20 +43,18 @@ class Batch(NamedTuple):
     topk_entropy: Optional[torch.Tensor] = None
 
 
-class Coefficients(NamedTuple):
+class Terms(NamedTuple):
+    """Per-token ``value``, ``w`` and ``beta`` (None where there is no entropy term), ``[N]``."""
+
     value: torch.Tensor
     w: torch.Tensor
-    beta: Optional[torch.Tensor]  # None where the objective has no entropy term
+    beta: Optional[torch.Tensor]
 
 
-#: Objectives whose epilogue the statistics kernel evaluates in registers (index = kernel id).
-KERNEL_OBJECTIVES = ("stats_only", "sft", "dft", "ranktuner", "overtone", "alpha_power", "threshold", "entropy_reg", "focal")
-
-
-class Objective:
+class Weighting:
     """Base class. Subclasses are frozen dataclasses of their options."""
 
-    name = "objective"
+    name = "weighting"
     #: needs the entropy of the top-K softmax (EAFT)
     needs_topk = False
     #: w depends on other tokens of the batch (TALR's median): the gradient needs a second sweep
@@ -81,29 +62,28 @@ class Objective:
     #: beta != 0 (the gradient has an entropy term)
     has_entropy_term = False
 
+    @property
+    def row_local(self) -> bool:
+        """Only the row's own statistics: the Triton formula runs inside the statistics kernel."""
+        return not (self.needs_topk or self.batch_level)
+
     def validate(self) -> None:
         pass
 
-    def coefficients(self, stats: RowStats, batch: Batch) -> Coefficients:
+    def terms(self, stats: RowStats, batch: Batch) -> Terms:
         raise NotImplementedError
 
-    def kernel_options(self) -> tuple:
-        """``(OPT, P0, P1)``: an integer code of discrete options and two float options."""
-        return 0, 0.0, 0.0
-
-    def kernel_spec(self):
-        """``(id, OPT, P0, P1)`` for the fused epilogue of the statistics kernel, or None where
-        the epilogue needs more than the row's own statistics (TALR's median, EAFT's top-K)."""
-        if self.name not in KERNEL_OBJECTIVES:
-            return None
-        return (KERNEL_OBJECTIVES.index(self.name), *self.kernel_options())
+    def kernel_args(self) -> tuple:
+        """``((P0, P1), (S0, S1, S2, S3))``: the Triton formula's two float options and its four
+        ``tl.constexpr`` switches, in the order of its parameter list."""
+        return (0.0, 0.0), (None, None, None, None)
 
     def __post_init__(self):
         self.validate()
 
 
-def _nll_weighted(stats: RowStats, w: torch.Tensor) -> Coefficients:
-    return Coefficients(w * (-stats.logp_t), w, None)
+def _nll_weighted(stats: RowStats, w: torch.Tensor) -> Terms:
+    return Terms(w * (-stats.logp_t), w, None)
 
 
 def _check_positive(obj, name):
@@ -119,27 +99,27 @@ def _check_choice(obj, name, choices):
 
 
 @dataclass(frozen=True)
-class SFT(Objective):
+class SFT(Weighting):
     """Plain cross-entropy: ``value = -log p_t``, ``w = 1``."""
 
     name = "sft"
 
-    def coefficients(self, stats, batch):
+    def terms(self, stats, batch):
         return _nll_weighted(stats, torch.ones_like(stats.logp_t))
 
 
 @dataclass(frozen=True)
-class DFT(Objective):
+class DFT(Weighting):
     """Dynamic fine-tuning: ``value = sg(p_t) * (-log p_t)``, ``w = p_t``."""
 
     name = "dft"
 
-    def coefficients(self, stats, batch):
+    def terms(self, stats, batch):
         return _nll_weighted(stats, stats.logp_t.exp())
 
 
 @dataclass(frozen=True)
-class RankTuner(Objective):
+class RankTuner(Weighting):
     """RankTuner's Relative Scale (paper Algorithm 1).
 
     ``s(H) = 2^{H_bits}/4 + 1`` if ``H_bits >= 2`` else ``2 - p_max``;
@@ -164,15 +144,9 @@ class RankTuner(Objective):
         if self.clamp_min is not None:
             _check_positive(self, "clamp_min")
 
-    def kernel_options(self):
-        opt = (
-            (self.w0 == "one")
-            | ("max", "arith", "geo", "log").index(self.xi) << 1
-            | (self.k == "cmvt") << 3
-            | (None, "no_prob", "no_entropy").index(self.ablation) << 4
-            | (self.clamp_min is not None) << 6
-        )
-        return opt, math.log(self.clamp_min) if self.clamp_min is not None else 0.0, 0.0
+    def kernel_args(self):
+        log_clamp = -math.inf if self.clamp_min is None or self.ablation is not None else math.log(self.clamp_min)
+        return (log_clamp, 0.0), (self.w0, self.xi, self.k, self.ablation)
 
     def relative_scale_terms(self, stats: RowStats):
         """``(log s(H), xi, K)`` per token."""
@@ -194,7 +168,7 @@ class RankTuner(Objective):
             k = k * xi / (xi + 1)
         return torch.log(s), xi, k
 
-    def coefficients(self, stats, batch):
+    def terms(self, stats, batch):
         log_s, _, k = self.relative_scale_terms(stats)
         if self.ablation is None:
             log_base = stats.logp_t + log_s
@@ -211,7 +185,7 @@ class RankTuner(Objective):
 
 
 @dataclass(frozen=True)
-class TALR(Objective):
+class TALR(Weighting):
     """``w = max(max(p_t, 1e-6)^{1/tau}, w_min)``; ``tau`` is the median over the
     batch's sequences of each sequence's mean NLL (sequences with no token left out;
     the median of an even count is the mean of the two middle values), unless given."""
@@ -239,7 +213,7 @@ class TALR(Objective):
             return torch.ones((), dtype=nll.dtype, device=nll.device)
         return torch.quantile(seq_mean, 0.5)
 
-    def coefficients(self, stats, batch):
+    def terms(self, stats, batch):
         tau = self.temperature(stats, batch)
         p = stats.logp_t.exp().clamp_min(1e-6)
         w = torch.clamp_min(p.pow(1.0 / tau), self.w_min)
@@ -247,7 +221,7 @@ class TALR(Objective):
 
 
 @dataclass(frozen=True)
-class EAFT(Objective):
+class EAFT(Weighting):
     """``w = (H_topK / norm)^alpha`` with ``H_topK`` the entropy of the softmax over the
     ``k`` largest logits (all of them where ``V < k``)."""
 
@@ -263,12 +237,12 @@ class EAFT(Objective):
         _check_positive(self, "alpha")
         _check_positive(self, "norm")
 
-    def coefficients(self, stats, batch):
+    def terms(self, stats, batch):
         return _nll_weighted(stats, (batch.topk_entropy / self.norm).pow(self.alpha))
 
 
 @dataclass(frozen=True)
-class OverTone(Objective):
+class OverTone(Weighting):
     """``w = lam`` where the target's logit is the row maximum (ties included), else 1."""
 
     lam: float = 0.1
@@ -278,16 +252,16 @@ class OverTone(Objective):
         if not isinstance(self.lam, (int, float)) or not math.isfinite(self.lam) or self.lam < 0:
             raise ValueError(f"OverTone: lam must be a finite number >= 0, got {self.lam!r}")
 
-    def kernel_options(self):
-        return 0, float(self.lam), 0.0
+    def kernel_args(self):
+        return (float(self.lam), 0.0), (None,) * 4
 
-    def coefficients(self, stats, batch):
+    def terms(self, stats, batch):
         is_max = stats.target_logit >= stats.max_logit
         return _nll_weighted(stats, torch.where(is_max, self.lam, 1.0).to(stats.logp_t.dtype))
 
 
 @dataclass(frozen=True)
-class AlphaPower(Objective):
+class AlphaPower(Weighting):
     """``value = (1 - p_t^alpha)/alpha``, ``w = p_t^alpha`` (exact gradient of the f(p) objective)."""
 
     alpha: float = 1.0
@@ -296,16 +270,16 @@ class AlphaPower(Objective):
     def validate(self):
         _check_positive(self, "alpha")
 
-    def kernel_options(self):
-        return 0, float(self.alpha), 0.0
+    def kernel_args(self):
+        return (float(self.alpha), 0.0), (None,) * 4
 
-    def coefficients(self, stats, batch):
+    def terms(self, stats, batch):
         w = (self.alpha * stats.logp_t).exp()
-        return Coefficients((1 - w) / self.alpha, w, None)
+        return Terms(-torch.expm1(self.alpha * stats.logp_t) / self.alpha, w, None)
 
 
 @dataclass(frozen=True)
-class Threshold(Objective):
+class Threshold(Weighting):
     """``w = 1[low <= p_t <= high]``, ``value = w * (-log p_t)``."""
 
     low: float = 0.2
@@ -320,16 +294,16 @@ class Threshold(Objective):
         if self.low > self.high:
             raise ValueError(f"Threshold: low ({self.low}) must be <= high ({self.high})")
 
-    def kernel_options(self):
-        return 0, float(self.low), float(self.high)
+    def kernel_args(self):
+        return (float(self.low), float(self.high)), (None,) * 4
 
-    def coefficients(self, stats, batch):
+    def terms(self, stats, batch):
         p = stats.logp_t.exp()
         return _nll_weighted(stats, ((p >= self.low) & (p <= self.high)).to(p.dtype))
 
 
 @dataclass(frozen=True)
-class EntropyReg(Objective):
+class EntropyReg(Weighting):
     """``value = -log p_t - alpha * H``, ``w = 1``, ``beta = alpha``."""
 
     alpha: float = 0.02
@@ -340,16 +314,16 @@ class EntropyReg(Objective):
         if not isinstance(self.alpha, (int, float)) or not math.isfinite(self.alpha):
             raise ValueError(f"EntropyReg: alpha must be a finite number, got {self.alpha!r}")
 
-    def kernel_options(self):
-        return 0, float(self.alpha), 0.0
+    def kernel_args(self):
+        return (float(self.alpha), 0.0), (None,) * 4
 
-    def coefficients(self, stats, batch):
+    def terms(self, stats, batch):
         w = torch.ones_like(stats.logp_t)
-        return Coefficients(-stats.logp_t - self.alpha * stats.entropy, w, torch.full_like(w, self.alpha))
+        return Terms(-stats.logp_t - self.alpha * stats.entropy, w, torch.full_like(w, self.alpha))
 
 
 @dataclass(frozen=True)
-class Focal(Objective):
+class Focal(Weighting):
     """``value = -(1-p)^gamma log p``; ``w = (1-p)^{gamma-1}((1-p) - gamma p log p)``."""
 
     gamma: float = 2.0
@@ -359,10 +333,10 @@ class Focal(Objective):
         if not isinstance(self.gamma, (int, float)) or not math.isfinite(self.gamma) or self.gamma < 0:
             raise ValueError(f"Focal: gamma must be a finite number >= 0, got {self.gamma!r}")
 
-    def kernel_options(self):
-        return 0, float(self.gamma), 0.0
+    def kernel_args(self):
+        return (float(self.gamma), 0.0), (None,) * 4
 
-    def coefficients(self, stats, batch):
+    def terms(self, stats, batch):
         logp = stats.logp_t
         p = logp.exp()
         q = -torch.expm1(logp)  # 1 - p, accurate near p = 1
@@ -372,19 +346,19 @@ class Focal(Objective):
         else:
             w = q.pow(self.gamma - 1) * (q - self.gamma * p * logp)
             w = torch.where(q == 0, 0.0, w)  # the limit (1 + gamma) q^gamma -> 0 at p = 1
-        return Coefficients(value, w, None)
+        return Terms(value, w, None)
 
 
-OBJECTIVES = {cls.name: cls for cls in (SFT, DFT, RankTuner, TALR, EAFT, OverTone, AlphaPower, Threshold, EntropyReg, Focal)}
+WEIGHTINGS = {cls.name: cls for cls in (SFT, DFT, RankTuner, TALR, EAFT, OverTone, AlphaPower, Threshold, EntropyReg, Focal)}
 
 
-def resolve(weighting) -> Objective:
+def resolve(weighting) -> Weighting:
     """A name (``"ranktuner"``) or a config object (``RankTuner(xi="geo")``) -> config object."""
-    if isinstance(weighting, Objective):
+    if isinstance(weighting, Weighting):
         return weighting
     if isinstance(weighting, str):
         try:
-            return OBJECTIVES[weighting]()
+            return WEIGHTINGS[weighting]()
         except KeyError:
-            raise ValueError(f"weighting: unknown name {weighting!r}; expected one of {sorted(OBJECTIVES)}") from None
-    raise TypeError(f"weighting: expected a name or an objective config such as rk.RankTuner(), got {type(weighting).__name__}")
+            raise ValueError(f"weighting: unknown name {weighting!r}; expected one of {sorted(WEIGHTINGS)}") from None
+    raise TypeError(f"weighting: expected a name or a weighting config such as rk.RankTuner(), got {type(weighting).__name__}")
