@@ -150,3 +150,66 @@ def test_no_grad_forms_no_gradients(monkeypatch):
         loss = rk.linear_cross_entropy(h, w, target, linear_bias=b, chunk_size=3)
     assert not calls
     torch.testing.assert_close(loss, rk.cross_entropy(h.detach() @ w.detach().T + b, target))
+
+
+# ---- weight-gradient accumulation policies and the upstream gradient ----------------------
+
+
+@pytest.mark.parametrize("upstream", [1.0, 0.5, 0.37])
+@pytest.mark.parametrize("policy", ["compact", "accurate"])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bf16_gradients_within_twice_torchs_error(impl, policy, upstream):
+    """Every policy, any upstream gradient: dh and dW in bf16 no further from float64 than
+    2x torch's own bf16 error (F.linear then F.cross_entropy in bf16)."""
+    h, w, _, target = make_head((96,), 32, 300, torch.bfloat16, False, seed=4)
+    sets = {}
+    for key, dtype in (("ours", torch.bfloat16), ("torch", torch.bfloat16), ("exact", torch.float64)):
+        hh, ww = (t.detach().to(dtype).requires_grad_() for t in (h, w))
+        if key == "ours":
+            loss = rk.linear_cross_entropy(hh, ww, target, acc_policy=policy, chunk_size=8, impl=impl)
+        else:
+            loss = torch.nn.functional.cross_entropy(hh @ ww.T, target)
+        (loss * upstream).backward()
+        sets[key] = (hh.grad, ww.grad)
+    for i, name in enumerate(("dh", "dW")):
+        ours, theirs = rel_err(sets["ours"][i], sets["exact"][i]), rel_err(sets["torch"][i], sets["exact"][i])
+        assert sets["ours"][i].dtype == torch.bfloat16
+        assert ours <= 2 * theirs, (name, ours, theirs)
+
+
+def test_upstream_gradient_rule(monkeypatch):
+    """Formed in forward for an upstream 1: a power-of-two upstream scales them (exact), any
+    other recomputes the chunks in backward with it."""
+    from ranktuner_kernels import linear_loss
+
+    h, w, _, target = make_head((12,), 8, 40, torch.bfloat16, False)
+    calls = []
+    real = linear_loss._Grads.add_chunk
+    monkeypatch.setattr(linear_loss._Grads, "add_chunk", lambda self, *a: (calls.append(1), real(self, *a)))
+    for upstream, chunks in ((1.0, 3), (4.0, 3), (0.37, 6)):
+        calls.clear()
+        hh, ww = (t.detach().requires_grad_() for t in (h, w))
+        (rk.linear_cross_entropy(hh, ww, target, chunk_size=4) * upstream).backward()
+        assert len(calls) == chunks, (upstream, len(calls))
+
+
+def test_acc_policy_and_chunk_rule():
+    from ranktuner_kernels.linear_loss import CHUNK_BYTES, chunk_rows, resolve_policy
+
+    assert resolve_policy("auto", torch.bfloat16) == "compact"
+    assert resolve_policy("accurate", torch.float16) == "accurate"
+    assert resolve_policy("accurate", torch.float32) == "compact"  # the same thing in float32
+    with pytest.raises(ValueError, match="acc_policy"):
+        resolve_policy("balanced", torch.bfloat16)
+    v, d = 152064, 3584
+    rows = chunk_rows(8192, v, d, 2, None, "cuda", False)
+    assert rows * v * 2 <= CHUNK_BYTES["cuda"] and rows >= 600  # above an H100's ridge point (C / 2 FLOP/B)
+    assert chunk_rows(8192, v, d, 2, None, "cuda", True) > rows  # up to the accurate cast's V x D
+    assert chunk_rows(10, 100, 8, 4, None, "cpu", False) == 10
+    assert chunk_rows(1000, 100, 8, 4, 64, "cpu", False) == 64
+    h, w, _, target = make_head((6,), 8, 30, torch.float32, False)
+    opts = torch.nn.LinearCrossEntropyOptions(batch_chunk_size=2, acc_policy="compact") \
+        if hasattr(torch.nn, "LinearCrossEntropyOptions") else None
+    if opts is not None:
+        torch.testing.assert_close(rk.linear_cross_entropy(h, w, target, options=opts),
+                                   rk.linear_cross_entropy(h, w, target))

@@ -1,0 +1,6 @@
+"""Integrations with training frameworks, each imported on demand so that the framework stays
+an optional dependency (importing :mod:`ranktuner_kernels` imports none of them):
+
+* :mod:`ranktuner_kernels.integrations.transformers`: Hugging Face ``transformers`` (and TRL):
+  ``patch_model``, ``make_compute_loss_func``, ``NLLLoggingCallback``. See ``docs/integrations.md``.
+"""

@@ -1,0 +1,560 @@
+"""The transformers integration: patch_model, make_compute_loss_func, NLL logging, Trainer, TRL.
+
+Tiny models built from configs (no downloads). The reference is each model's own forward
+(transformers' ForCausalLMLoss) for ``weighting="sft"`` and ``rk.cross_entropy`` on the
+unpatched model's logits for the other weightings.
+"""
+
+import copy
+import inspect
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+import ranktuner_kernels as rk  # noqa: E402
+from ranktuner_kernels.integrations import transformers as rkt  # noqa: E402
+
+V = 128
+COMMON = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=8, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+FAMILIES = {
+    "llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+    "mistral": ("MistralConfig", "MistralForCausalLM", {"sliding_window": 4}),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {}),
+    "gemma": ("GemmaConfig", "GemmaForCausalLM", {}),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", {"final_logit_softcapping": None, "sliding_window": 4}),
+    "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM", {"sliding_window": 4}),
+}
+HAS_SOFTCAP = "softcap" in inspect.signature(rk.linear_cross_entropy).parameters
+AUTOCAST = dict(device_type="cpu", dtype=torch.bfloat16)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny models: one intra-op thread is fastest, and on a loaded 2-core machine several
+    threads spin-waiting on each other make every op ~100x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_model(family="llama", tied=False, seed=0, **overrides):
+    config_name, model_name, extra = FAMILIES[family]
+    config = getattr(transformers, config_name)(**{**COMMON, **extra, "tie_word_embeddings": tied, **overrides})
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_name)(config)
+    assert (model.lm_head.weight is model.get_input_embeddings().weight) == tied
+    return model
+
+
+def make_batch(seed=0, b=2, t=9):
+    """Token ids and labels: a masked prompt in row 0, right padding (-100) in row 1."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, V, (b, t), generator=g)
+    labels = ids.clone()
+    labels[0, :3] = -100
+    labels[1, -2:] = -100
+    return ids, labels
+
+
+def loss_and_grads(model, fn):
+    model.zero_grad(set_to_none=True)
+    loss = fn()
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return loss.detach(), grads
+
+
+def assert_grads_close(got, want, rtol, atol_frac):
+    assert got.keys() == want.keys() and got
+    for name in want:
+        atol = atol_frac * float(want[name].abs().max()) + 1e-12
+        torch.testing.assert_close(got[name], want[name], rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+def shifted(labels):
+    return torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
+
+
+# ----------------------------------------------------------------------------- the patched forward
+
+
+def test_importing_does_not_import_transformers():
+    code = ("import sys, ranktuner_kernels, ranktuner_kernels.integrations.transformers; "
+            "assert 'transformers' not in sys.modules and 'trl' not in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    assert issubclass(rkt.NLLLoggingCallback, transformers.TrainerCallback)  # built on first access
+
+
+@pytest.mark.parametrize("autocast", [False, True], ids=["fp32", "autocast-bf16"])
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_patched_matches_unpatched(family, tied, autocast):
+    """Loss and every parameter's gradient: sft against the model's own loss, ranktuner against
+    rk.cross_entropy on the unpatched logits; outputs.nll is the model's own (sft) loss."""
+    model = make_model(family, tied).train()
+    ids, labels = make_batch()
+    ctx = (lambda: torch.autocast(**AUTOCAST)) if autocast else torch.enable_grad
+    rtol, atol_frac = 1e-5, 1e-5  # autocast too: the head runs in bf16 exactly as lm_head does
+
+    with ctx():
+        own, own_grads = loss_and_grads(model, lambda: model(ids, labels=labels).loss)
+
+        def ranktuner_on_logits():
+            logits = model(ids).logits
+            return rk.cross_entropy(logits[:, :-1], labels[:, 1:], weighting="ranktuner", impl="reference")
+
+        rt, rt_grads = loss_and_grads(model, ranktuner_on_logits)
+
+        rkt.patch_model(model, weighting="sft")
+        out = model(ids, labels=labels)
+        assert out.logits is None and out.objective == "sft"
+        got, got_grads = loss_and_grads(model, lambda: model(ids, labels=labels).loss)
+        rkt.patch_model(model, weighting="ranktuner")
+        out_rt = model(ids, labels=labels)
+        got_rt, got_rt_grads = loss_and_grads(model, lambda: model(ids, labels=labels).loss)
+
+    assert got.dtype == torch.float32 and got.dim() == 0
+    torch.testing.assert_close(got, own.float(), rtol=rtol, atol=0)
+    assert_grads_close(got_grads, own_grads, rtol, atol_frac)
+    torch.testing.assert_close(got_rt, rt.float(), rtol=rtol, atol=0)
+    assert_grads_close(got_rt_grads, rt_grads, rtol, atol_frac)
+    assert out_rt.objective == "ranktuner" and not out_rt.nll.requires_grad and out_rt.nll.dtype == torch.float32
+    # the plain NLL is the sft loss whatever the objective
+    torch.testing.assert_close(out_rt.nll, own.float(), rtol=rtol, atol=0)
+    assert not torch.allclose(got_rt, got)
+
+
+@pytest.mark.xfail(not HAS_SOFTCAP, reason="the core's rk.linear_cross_entropy has no softcap= yet", strict=True)
+def test_gemma2_final_logit_softcapping():
+    model = make_model("gemma2", tied=True, final_logit_softcapping=2.0).train()
+    ids, labels = make_batch()
+    own, own_grads = loss_and_grads(model, lambda: model(ids, labels=labels).loss)
+    rt, rt_grads = loss_and_grads(model, lambda: rk.cross_entropy(
+        model(ids).logits[:, :-1], labels[:, 1:], weighting="ranktuner", impl="reference"))
+    rkt.patch_model(model, weighting="sft")
+    got, got_grads = loss_and_grads(model, lambda: model(ids, labels=labels).loss)
+    torch.testing.assert_close(got, own, rtol=1e-5, atol=0)
+    assert_grads_close(got_grads, own_grads, 1e-5, 1e-5)
+    rkt.patch_model(model, weighting="ranktuner")
+    got, got_grads = loss_and_grads(model, lambda: model(ids, labels=labels).loss)
+    torch.testing.assert_close(got, rt, rtol=1e-5, atol=0)
+    assert_grads_close(got_grads, rt_grads, 1e-5, 1e-5)
+
+
+def test_gemma2_softcapping_without_core_support_raises():
+    if HAS_SOFTCAP:
+        pytest.skip("the core has softcap=")
+    with pytest.raises(ValueError, match="final_logit_softcapping"):
+        rkt.patch_model(make_model("gemma2", tied=True, final_logit_softcapping=30.0))
+
+
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_num_items_in_batch(as_tensor):
+    model = make_model()
+    ids, labels = make_batch()
+    kept = int((shifted(labels) != -100).sum())
+    n = 3 * kept + 1
+    n_arg = torch.tensor(n) if as_tensor else n
+    own = model(ids, labels=labels, num_items_in_batch=n_arg).loss
+    plain = model(ids, labels=labels).loss
+    rkt.patch_model(model, weighting="sft")
+    got = model(ids, labels=labels, num_items_in_batch=n_arg)
+    torch.testing.assert_close(got.loss, own, rtol=1e-5, atol=0)
+    torch.testing.assert_close(got.loss, plain * kept / n, rtol=1e-5, atol=0)
+    torch.testing.assert_close(got.nll, plain, rtol=1e-5, atol=0)  # the NLL is a mean over kept tokens
+
+
+def test_logits_to_keep():
+    model = make_model()
+    ids, labels = make_batch(t=10)
+    k = 4
+    full_logits = model(ids).logits
+    # labels shaped like the kept positions: transformers' own semantics
+    own = model(ids, labels=labels[:, -k:], logits_to_keep=k).loss
+    rkt.patch_model(model, weighting="sft")
+    torch.testing.assert_close(model(ids, labels=labels[:, -k:], logits_to_keep=k).loss, own, rtol=1e-5, atol=0)
+    # full-length labels are sliced like the hidden states (transformers raises there)
+    rkt.patch_model(model, weighting="ranktuner")
+    want = rk.cross_entropy(full_logits[:, -k:], shifted(labels)[:, -k:], weighting="ranktuner", impl="reference")
+    torch.testing.assert_close(model(ids, labels=labels, logits_to_keep=k).loss, want, rtol=1e-5, atol=0)
+    # a 1-D tensor of positions and a 2-D boolean mask
+    pos = torch.tensor([1, 4, 6])
+    want = rk.cross_entropy(full_logits[:, pos], shifted(labels)[:, pos], weighting="ranktuner", impl="reference")
+    torch.testing.assert_close(model(ids, labels=labels, logits_to_keep=pos).loss, want, rtol=1e-5, atol=0)
+    mask = torch.rand(ids.shape, generator=torch.Generator().manual_seed(3)) > 0.4
+    want = rk.cross_entropy(full_logits[mask], shifted(labels)[mask], weighting="ranktuner", impl="reference")
+    torch.testing.assert_close(model(ids, labels=labels, logits_to_keep=mask).loss, want, rtol=1e-5, atol=0)
+    with pytest.raises(ValueError, match="labels"):
+        model(ids, labels=labels[:, :5], logits_to_keep=k)
+
+
+def test_shift_labels():
+    model = make_model()
+    ids, labels = make_batch()
+    shift = labels.roll(1, dims=1)  # any pre-shifted targets
+    own = model(ids, labels=labels, shift_labels=shift).loss
+    rkt.patch_model(model, weighting="sft")
+    torch.testing.assert_close(model(ids, labels=labels, shift_labels=shift).loss, own, rtol=1e-5, atol=0)
+    torch.testing.assert_close(model(ids, shift_labels=shift).loss, own, rtol=1e-5, atol=0)  # no labels needed
+
+
+def test_without_labels_the_original_forward_runs():
+    model = make_model().eval()
+    ids, labels = make_batch()
+    want = model(ids)
+    want_gen = model.generate(ids[:1], max_new_tokens=4, do_sample=False)
+    rkt.patch_model(model)
+    got = model(ids)
+    assert torch.equal(got.logits, want.logits)
+    assert torch.equal(model.generate(ids[:1], max_new_tokens=4, do_sample=False), want_gen)
+    # return_dict=False: a tuple without the (absent) logits, the loss first
+    tup = model(ids, labels=labels, return_dict=False)
+    assert isinstance(tup, tuple) and torch.equal(tup[0], model(ids, labels=labels).loss)
+    # labels passed by position follow the class's signature
+    torch.testing.assert_close(model(ids, None, None, None, None, labels).loss, model(ids, labels=labels).loss)
+
+
+def test_nll_masks_ignored_positions_itself(monkeypatch):
+    """The core may leave NaN in the statistics of ignored positions: the NLL must not see them."""
+    model = make_model()
+    ids, labels = make_batch()
+    own = model(ids, labels=labels).loss
+    real = rk.linear_cross_entropy
+
+    def nan_stats(*args, **kwargs):
+        loss, stats = real(*args, **kwargs)
+        target = args[2]
+        stats = {k: torch.where(target == -100, float("nan"), v.float()) for k, v in stats.items()}
+        return loss, stats
+
+    monkeypatch.setattr(rk, "linear_cross_entropy", nan_stats)
+    rkt.patch_model(model, weighting="dft")
+    out = model(ids, labels=labels)
+    torch.testing.assert_close(out.nll, own, rtol=1e-5, atol=0)
+    assert math.isnan(float(model(ids, labels=torch.full_like(labels, -100)).nll))  # no kept token
+
+
+def test_unpatch_restores_the_original_forward():
+    model = make_model().train()
+    ids, labels = make_batch()
+    want = model(ids, labels=labels)
+    rkt.patch_model(model, weighting="ranktuner")
+    assert rkt.is_patched(model) and "forward" in model.__dict__
+    assert not torch.equal(model(ids, labels=labels).loss, want.loss)
+    assert rkt.unpatch_model(model) is model and not rkt.is_patched(model)
+    assert "forward" not in model.__dict__ and model.forward.__func__ is type(model).forward
+    got = model(ids, labels=labels)
+    assert torch.equal(got.loss, want.loss) and torch.equal(got.logits, want.logits)
+    rkt.unpatch_model(model)  # not patched: a no-op
+
+    # an instance forward that was there before comes back (the same object)
+    calls = []
+    orig = model.forward
+
+    def mine(*args, **kwargs):
+        calls.append(1)
+        return orig(*args, **kwargs)
+
+    model.forward = mine
+    rkt.patch_model(model, weighting="sft")
+    model(ids)  # no labels: through `mine`
+    assert calls == [1]
+    rkt.unpatch_model(model)
+    assert model.forward is mine
+
+
+def test_unpatch_after_a_wrapper_passes_through():
+    model = make_model()
+    ids, labels = make_batch()
+    want = model(ids, labels=labels).loss
+    rkt.patch_model(model, weighting="ranktuner")
+    inner = model.forward
+    model.forward = lambda *a, **k: inner(*a, **k)  # e.g. TRL or accelerate wrapping it afterwards
+    with pytest.warns(UserWarning, match="wrapped"):
+        rkt.unpatch_model(model)
+    assert torch.equal(model(ids, labels=labels).loss, want)
+
+
+def test_peft_style_wrapper_patches_the_inner_model():
+    class Wrapper(torch.nn.Module):  # what matters of PEFT's PeftModel: get_base_model, inner forward
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def get_base_model(self):
+            return self.inner
+
+        def forward(self, *args, **kwargs):
+            return self.inner.forward(*args, **kwargs)
+
+    inner = make_model()
+    wrapper = Wrapper(inner)
+    ids, labels = make_batch()
+    want = rk.cross_entropy(inner(ids).logits[:, :-1], labels[:, 1:], weighting="ranktuner", impl="reference")
+    assert rkt.patch_model(wrapper, weighting="ranktuner") is wrapper
+    assert rkt.is_patched(wrapper) and rkt.is_patched(inner) and "forward" not in wrapper.__dict__
+    torch.testing.assert_close(wrapper(ids, labels=labels).loss, want, rtol=1e-5, atol=0)
+    assert rkt.unpatch_model(wrapper) is wrapper and not rkt.is_patched(inner)
+
+
+def test_deepcopy_of_a_patched_model_is_patched_on_its_own():
+    model = rkt.patch_model(make_model(), weighting="ranktuner")
+    ids, labels = make_batch()
+    clone = copy.deepcopy(model)
+    assert rkt.is_patched(clone) and clone.forward.__self__ is clone
+    loss = clone(ids, labels=labels).loss
+    torch.testing.assert_close(loss, model(ids, labels=labels).loss, rtol=0, atol=0)
+    loss.backward()
+    assert all(p.grad is None for p in model.parameters())
+    assert all(p.grad is not None for p in clone.parameters())
+
+
+def test_nll_meter_averages_like_trainer():
+    """Train: the mean over optimizer steps of each step's token mean (Trainer averages its
+    logged loss over steps); eval: the token-weighted mean."""
+    meter = rkt.NLLMeter()
+    t = torch.tensor
+    meter.add("train", t(6.0), t(3.0))  # step 1: two micro-batches, 10 / 4 = 2.5
+    meter.add("train", t(4.0), t(1.0))
+    meter.end_step()
+    meter.add("train", t(1.0), t(2.0))  # step 2: 0.5
+    meter.add("eval", t(3.0), t(1.0))
+    meter.add("eval", t(3.0), t(5.0))
+    assert meter.take_last_eval().tolist() == [3.0, 5.0] and meter.take_last_eval() is None
+    assert meter.pop_train() == pytest.approx(1.5)
+    assert meter.pop_eval() == pytest.approx(1.0)
+    assert meter.pop_train() is None and meter.pop_eval() is None
+    with pytest.raises(ValueError, match="mode"):
+        meter.add("test", t(1.0), t(1.0))
+
+
+def test_bad_input_raises_naming_it():
+    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=V, n_embd=16, n_layer=1, n_head=2))
+    with pytest.raises(ValueError, match="'gpt2'"):
+        rkt.patch_model(gpt2)
+    with pytest.raises(TypeError, match="model"):
+        rkt.patch_model(torch.nn.Linear(2, 2))
+    model = make_model()
+    with pytest.raises(ValueError, match="weighting"):
+        rkt.patch_model(model, weighting="nope")
+    with pytest.raises(TypeError, match="chunk_sise"):
+        rkt.patch_model(model, chunk_sise=4)
+    with pytest.raises(TypeError, match="reduction"):
+        rkt.patch_model(model, reduction="sum")
+    with pytest.raises(TypeError, match="ignore_index"):
+        rkt.patch_model(model, ignore_index="x")
+    assert not rkt.is_patched(model)
+    with pytest.raises(TypeError, match="inplace"):
+        rkt.make_compute_loss_func(inplace=True)
+    with pytest.raises(ValueError, match="weighting"):
+        rkt.make_compute_loss_func("nope")
+
+
+def test_options_reach_the_core():
+    model = make_model()
+    ids, labels = make_batch()
+    rkt.patch_model(model, weighting=rk.RankTuner(xi="geo"), chunk_size=3, impl="reference")
+    logits = model(ids).logits
+    want = rk.cross_entropy(logits[:, :-1], labels[:, 1:], weighting=rk.RankTuner(xi="geo"), impl="reference")
+    out = model(ids, labels=labels)
+    torch.testing.assert_close(out.loss, want, rtol=1e-5, atol=0)
+    assert out.objective == "ranktuner"
+
+
+def test_compute_loss_func():
+    model = make_model()
+    ids, labels = make_batch()
+    outputs = model(ids)
+    n = 17
+    own = model(ids, labels=labels, num_items_in_batch=n).loss
+    fn = rkt.make_compute_loss_func("sft")
+    torch.testing.assert_close(fn(outputs, labels, num_items_in_batch=n), own, rtol=1e-5, atol=0)
+    torch.testing.assert_close(fn(outputs, labels), model(ids, labels=labels).loss, rtol=1e-5, atol=0)
+    fn = rkt.make_compute_loss_func(rk.DFT())
+    want = rk.cross_entropy(outputs.logits[:, :-1], labels[:, 1:], weighting="dft", impl="reference")
+    torch.testing.assert_close(fn(outputs, labels), want, rtol=1e-5, atol=0)
+    with pytest.raises(ValueError, match="logits"):
+        fn(transformers.modeling_outputs.CausalLMOutputWithPast(loss=own), labels)
+
+
+# ----------------------------------------------------------------------------- Trainer
+
+
+def _dataset(n=12, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(n):
+        length = 5 + (i * 7) % 9  # unequal lengths, so micro-batches hold unequal token counts
+        ids = torch.randint(3, V, (length,), generator=g)
+        labels = ids.clone()
+        labels[: i % 4] = -100  # a masked "prompt"
+        rows.append({"input_ids": ids.tolist(), "labels": labels.tolist()})
+    return rows
+
+
+def _collate(batch):
+    width = max(len(b["input_ids"]) for b in batch)
+    out = {"input_ids": torch.zeros(len(batch), width, dtype=torch.long),
+           "labels": torch.full((len(batch), width), -100),
+           "attention_mask": torch.zeros(len(batch), width, dtype=torch.long)}
+    for i, b in enumerate(batch):
+        n = len(b["input_ids"])
+        out["input_ids"][i, :n] = torch.tensor(b["input_ids"])
+        out["labels"][i, :n] = torch.tensor(b["labels"])
+        out["attention_mask"][i, :n] = 1
+    return out
+
+
+def _train(model, tmp_path, nll=False, **trainer_kwargs):
+    pytest.importorskip("accelerate")  # Trainer needs it
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path), per_device_train_batch_size=2, per_device_eval_batch_size=3,
+        gradient_accumulation_steps=2, max_steps=3, logging_steps=1, report_to=[], use_cpu=True,
+        save_strategy="no", learning_rate=1e-2, disable_tqdm=True, seed=0)
+    data = _dataset()
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data, eval_dataset=data[:7],
+                                   data_collator=_collate, **trainer_kwargs)
+    if nll:
+        rkt.add_nll_logging(trainer)
+    trainer.train()
+    metrics = trainer.evaluate()
+    steps = [h for h in trainer.state.log_history if "loss" in h]
+    return steps, metrics, trainer
+
+
+def _eval_token_mean_nll(model):
+    """Token-weighted mean NLL of the eval set, from the unpatched model's logits."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for start in range(0, 7, 3):
+            batch = _collate(_dataset()[:7][start:start + 3])
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            target = shifted(batch["labels"])
+            total += float(torch.nn.functional.cross_entropy(
+                logits.flatten(0, 1).float(), target.flatten(), ignore_index=-100, reduction="sum"))
+            count += int((target != -100).sum())
+    return total / count
+
+
+def test_trainer_patched_sft_logs_what_the_default_logs(tmp_path):
+    """Gradient accumulation 2 over unequal micro-batches: the patched model (and
+    compute_loss_func) log the default's losses and gradient norms; nll is logged next to loss;
+    evaluate() reports eval_loss and eval_nll."""
+    base = make_model()
+    want_steps, want_eval, _ = _train(copy.deepcopy(base), tmp_path / "a")
+    patched = rkt.patch_model(copy.deepcopy(base), weighting="sft")
+    got_steps, got_eval, _ = _train(patched, tmp_path / "b", nll=True)
+    fn_steps, fn_eval, _ = _train(copy.deepcopy(base), tmp_path / "c", nll=True,
+                                  compute_loss_func=rkt.make_compute_loss_func("sft"))
+    assert len(want_steps) == len(got_steps) == len(fn_steps) == 3
+    for want, got, fn in zip(want_steps, got_steps, fn_steps):
+        for key in ("loss", "grad_norm"):
+            assert got[key] == pytest.approx(want[key], rel=1e-5), key
+            assert fn[key] == pytest.approx(want[key], rel=1e-5), key
+        assert "nll" not in want
+        assert got["nll"] == pytest.approx(got["loss"], rel=1e-5)  # sft: the objective is the NLL
+        assert fn["nll"] == pytest.approx(fn["loss"], rel=1e-5)
+    assert got_eval["eval_loss"] == pytest.approx(want_eval["eval_loss"], rel=1e-5)
+    assert fn_eval["eval_loss"] == pytest.approx(want_eval["eval_loss"], rel=1e-5)
+    # both models hold the same weights after the same three steps
+    trained = rkt.unpatch_model(patched)
+    assert got_eval["eval_nll"] == pytest.approx(_eval_token_mean_nll(trained), rel=1e-5)
+    assert fn_eval["eval_nll"] == pytest.approx(got_eval["eval_nll"], rel=1e-5)
+
+
+def test_trainer_ranktuner_run_logs_nll_and_evaluates(tmp_path):
+    model = rkt.patch_model(make_model(), weighting="ranktuner")
+    steps, metrics, trainer = _train(model, tmp_path, nll=True)
+    for step in steps:
+        assert math.isfinite(step["loss"]) and math.isfinite(step["nll"]) and step["loss"] != step["nll"]
+    assert math.isfinite(metrics["eval_loss"]) and math.isfinite(metrics["eval_nll"])
+    want = _eval_token_mean_nll(model)  # no labels: the original forward's logits
+    assert metrics["eval_nll"] == pytest.approx(want, rel=1e-5)
+    # predict() (no logits to return: an empty tuple) and a later evaluate() report the same NLL
+    model.eval()
+    model(**_collate(_dataset()[:2]))  # an eval-mode call outside Trainer's loops is not counted
+    prediction = trainer.predict(_dataset()[:7])
+    assert prediction.predictions == () and prediction.metrics["test_nll"] == pytest.approx(want, rel=1e-5)
+    assert trainer.evaluate()["eval_nll"] == pytest.approx(want, rel=1e-5)
+
+
+def test_trainer_eval_logits_for_compute_metrics(tmp_path):
+    """compute_metrics needs logits: eval_logits=True materialises them in eval mode only."""
+    seen = []
+
+    def compute_metrics(pred):
+        seen.append(pred.predictions)
+        return {"n_predictions": float(len(pred.predictions))}
+
+    base = make_model()
+    _, fused, _ = _train(rkt.patch_model(copy.deepcopy(base), weighting="ranktuner"), tmp_path / "a")
+    model = rkt.patch_model(copy.deepcopy(base), weighting="ranktuner", eval_logits=True)
+    _, metrics, _ = _train(model, tmp_path / "b", compute_metrics=compute_metrics)
+    assert seen and seen[-1].shape[0] == 7 and seen[-1].shape[-1] == V
+    assert metrics["eval_loss"] == pytest.approx(fused["eval_loss"], rel=1e-5)
+
+
+# ----------------------------------------------------------------------------- TRL
+
+
+def _tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel(vocab={f"w{i}": i for i in range(V)}, unk_token="w1"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="w0", eos_token="w2")
+
+
+def test_trl_sft_trainer_recipe(tmp_path):
+    """TRL's SFTTrainer computes its loss with a fused head of its own and never calls the
+    model with labels; the recipe routes compute_loss back to the model's loss."""
+    trl = pytest.importorskip("trl")
+    datasets = pytest.importorskip("datasets")
+    pytest.importorskip("accelerate")
+
+    class RankTunerSFTTrainer(trl.SFTTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            return transformers.Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs,
+                                                     num_items_in_batch=num_items_in_batch)
+
+    g = torch.Generator().manual_seed(1)
+    data = datasets.Dataset.from_list(
+        [{"input_ids": torch.randint(3, V, (5 + (i * 7) % 9,), generator=g).tolist()} for i in range(8)])
+
+    def run(cls, model, out, evaluate=True):
+        args = trl.SFTConfig(output_dir=str(out), per_device_train_batch_size=2, gradient_accumulation_steps=2,
+                             max_steps=2, logging_steps=1, report_to=[], use_cpu=True, save_strategy="no",
+                             learning_rate=1e-2, disable_tqdm=True, seed=0)
+        trainer = cls(model=model, args=args, train_dataset=data, eval_dataset=data, processing_class=_tokenizer())
+        if rkt.is_patched(model):
+            rkt.add_nll_logging(trainer)
+        trainer.train()
+        steps = [h for h in trainer.state.log_history if "loss" in h]
+        return steps, (trainer.evaluate() if evaluate else None)
+
+    base = make_model()
+    trl_default, _ = run(trl.SFTTrainer, copy.deepcopy(base), tmp_path / "a", evaluate=False)
+    own, own_eval = run(RankTunerSFTTrainer, copy.deepcopy(base), tmp_path / "b")  # the model's own loss
+    got, got_eval = run(RankTunerSFTTrainer, rkt.patch_model(copy.deepcopy(base), weighting="sft"), tmp_path / "c")
+    assert len(trl_default) == len(own) == len(got) == 2
+    # same weights and batch at step 1: TRL's own loss is the same NLL
+    assert got[0]["loss"] == pytest.approx(trl_default[0]["loss"], rel=1e-5)
+    for w, g_ in zip(own, got):
+        assert math.isfinite(g_["loss"])
+        for key in ("loss", "grad_norm"):
+            assert g_[key] == pytest.approx(w[key], rel=1e-5), key
+        assert g_["nll"] == pytest.approx(g_["loss"], rel=1e-5)
+    assert got_eval["eval_loss"] == pytest.approx(own_eval["eval_loss"], rel=1e-5)
+    assert got_eval["eval_nll"] == pytest.approx(got_eval["eval_loss"], rel=1e-4)
+
+    ranktuner, _ = run(RankTunerSFTTrainer, rkt.patch_model(copy.deepcopy(base), weighting="ranktuner"),
+                       tmp_path / "d", evaluate=False)
+    assert all(math.isfinite(h["loss"]) and h["loss"] != pytest.approx(h["nll"]) for h in ranktuner)
