@@ -12,8 +12,9 @@ In the wheel both live inside this package; in a source checkout, ``pip install 
 them the same way.
 """
 
-from . import weightings
+from . import rl, weightings
 from .linear_loss import linear_cross_entropy
+from .token_logprobs import linear_logprobs, logprobs
 from .modules import LinearTokenReweightedLoss, TokenReweightedLoss
 from .token_loss import cross_entropy, token_stats
 from .weightings import (
@@ -36,6 +37,9 @@ __all__ = [
     "cross_entropy",
     "linear_cross_entropy",
     "token_stats",
+    "logprobs",
+    "linear_logprobs",
+    "rl",
     "TokenReweightedLoss",
     "LinearTokenReweightedLoss",
     "weightings",

@@ -1,0 +1,160 @@
+"""Per-token log-probabilities and entropies with gradients through both, for RL: what verl's
+fused ``linear_cross_entropy`` returns, on the same kernels as the losses.
+
+    logp, ent = rk.logprobs(logits, tokens, temperature=0.7)
+    logp, ent = rk.linear_logprobs(hidden, lm_head.weight, tokens, temperature=0.7)
+
+Forward: one statistics pass per row (the fused-linear path chunk by chunk, never holding the
+``N x V`` logits): ``log pi(y_t)`` and ``H_t`` of ``softmax(z')``, ``z' = c tanh(z/c) / T``. Under
+``torch.no_grad()`` (old-policy and reference passes) that is all it does. Backward, for
+upstream gradients ``a_t`` on ``logp`` and ``b_t`` on ``H`` (either may be absent), the one
+gradient of SPEC with ``w = -a``, ``beta = -b``:
+
+    dz'_i = a_t (1[i = y] - p_i) - b_t p_i (log p_i + H_t)
+
+(the fused-linear path recomputes each chunk's logits: 2 N D V FLOPs forward, 6 N D V backward).
+Ignored positions (``ignore_index``) hold 0 in both outputs and get no gradient, so masked
+sums need no NaN handling.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _inputs
+from ._dispatch import get_backend
+from ._params import LossParams, check_options
+from .linear_loss import _Grads, _logits, autocast_inputs, chunk_rows, resolve_policy
+from .reference import GradCoefs, RowStats, compute_dtype
+from .token_loss import checked_range, prepare_logits
+from .weightings import resolve
+
+
+def _coefs(g_logp, g_ent, keep):
+    ga = torch.where(keep, -g_logp.reshape(-1), 0)
+    gb = None if g_ent is None else torch.where(keep, -g_ent.reshape(-1), 0)
+    return GradCoefs(ga, None, None, gb)
+
+
+def _grad_or_zero(g, like):
+    return torch.zeros_like(like) if g is None else g.to(like.dtype)
+
+
+class LogProbsFunction(torch.autograd.Function):
+    """``logits [B, T, V]``, ``target [B*T]`` -> ``(logp [B*T], entropy [B*T])``."""
+
+    @staticmethod
+    def forward(ctx, logits, target, params: LossParams):
+        stats, _ = params.backend.row_stats(logits, target, params)
+        ctx.save_for_backward(logits, target, stats.lse, stats.logp_t, stats.entropy)
+        ctx.params = params
+        return stats.logp_t, stats.entropy
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent):
+        logits, target, lse, logp, ent = ctx.saved_tensors
+        params = ctx.params
+        keep = target != params.ignore_index
+        coefs = _coefs(_grad_or_zero(g_logp, logp), g_ent, keep)
+        out = torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
+        stats = RowStats(lse, logp, None, None, ent, None)
+        params.backend.row_grad(logits, target, stats, coefs, params, out)
+        return out, None, None
+
+
+class LinearLogProbsFunction(torch.autograd.Function):
+    """``h [N, D]``, ``weight [V, D]``, ``bias [V]`` or None, ``target [N]`` ->
+    ``(logp [N], entropy [N])``; differentiable w.r.t. ``h``, ``weight``, ``bias``."""
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, target, params: LossParams):
+        n = h.shape[0]
+        acc = compute_dtype(h.dtype)
+        logp = torch.zeros(n, dtype=acc, device=h.device)
+        lse, ent = torch.zeros_like(logp), torch.zeros_like(logp)
+        for start in range(0, n, params.rows):
+            sl = slice(start, min(n, start + params.rows))
+            stats, _ = params.backend.row_stats(_logits(h[sl], weight, bias)[None], target[sl], params)
+            lse[sl], logp[sl], ent[sl] = stats.lse, stats.logp_t, stats.entropy
+        ctx.save_for_backward(h, weight, bias, target, lse, logp, ent)
+        ctx.params = params
+        return logp, ent
+
+    @staticmethod
+    def backward(ctx, g_logp, g_ent):
+        h, weight, bias, target, lse, logp, ent = ctx.saved_tensors
+        params = ctx.params
+        keep = target != params.ignore_index
+        coefs = _coefs(_grad_or_zero(g_logp, logp), g_ent, keep)
+        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
+        grads = _Grads(h, weight, bias, needs, params.acc_policy)
+        with torch.autocast(h.device.type, enabled=False):
+            for start in range(0, h.shape[0], params.rows):
+                sl = slice(start, min(h.shape[0], start + params.rows))
+                logits = _logits(h[sl], weight, bias)[None]
+                stats = RowStats(lse[sl], logp[sl], None, None, ent[sl], None)
+                c = GradCoefs(*(None if x is None else x[sl] for x in coefs))
+                params.backend.row_grad(logits, target[sl], stats, c, params, out=logits)
+                grads.add_chunk(start, logits[0], h[sl], weight)
+                del logits
+        return (*grads.final(weight, bias), None, None)
+
+
+def _params(backend, shape, ignore_index, softcap, temperature, **kw):
+    tr, _, _ = check_options("none", softcap, temperature, 0.0, 0.0)
+    return LossParams(resolve("sft"), backend, shape, ignore_index, "none", tr, **kw)
+
+
+@_inputs.eager
+def logprobs(input: torch.Tensor, target: torch.Tensor, *, temperature: float = 1.0, softcap: float | None = None,
+             ignore_index: int = -100, impl: str = "auto"):
+    """Per-token ``log pi(y_t)`` and entropy ``H_t`` (nats) of ``softmax(z')`` from logits.
+
+    Args:
+        input: ``[..., V]`` logits (class last; any strides).
+        target: the leading shape: token ids in ``[0, V)`` or ``ignore_index``.
+        temperature, softcap: ``z' = c tanh(z / c) / T``.
+    Returns:
+        ``(logp, entropy)``, float32 (float64 for float64 input), shaped like ``target``, 0 where
+        ignored; both differentiable w.r.t. ``input``.
+    """
+    ignore_index = _inputs.check_ignore_index(ignore_index)
+    logits = prepare_logits(input)
+    shape = tuple(input.shape[:-1])
+    flat = _inputs.check_target(target, shape, input, "input")
+    backend = get_backend(impl, input)
+    params = _params(backend, shape, ignore_index, softcap, temperature)
+    logp, ent = checked_range(backend, flat, input.shape[-1], ignore_index, None,
+                              lambda: LogProbsFunction.apply(logits, flat, params))
+    return logp.reshape(shape), ent.reshape(shape)
+
+
+@_inputs.eager
+def linear_logprobs(input: torch.Tensor, linear_weight: torch.Tensor, target: torch.Tensor, *,
+                    linear_bias: torch.Tensor | None = None, temperature: float = 1.0, softcap: float | None = None,
+                    ignore_index: int = -100, chunk_size: int | None = None, acc_policy: str = "auto",
+                    impl: str = "auto"):
+    """:func:`logprobs` of ``input @ linear_weight.T + linear_bias`` without materialising the
+    logits (``[..., D]`` hidden states, ``[V, D]`` head); gradients reach all three.
+    ``chunk_size`` and ``acc_policy`` as in :func:`ranktuner_kernels.linear_cross_entropy`."""
+    ignore_index = _inputs.check_ignore_index(ignore_index)
+    _inputs.check_float("input", input)
+    _inputs.check_float("linear_weight", linear_weight, dims=(2,))
+    if input.dim() == 0 or linear_weight.shape[1] != input.shape[-1]:
+        raise ValueError(f"linear_weight: shape {tuple(linear_weight.shape)} needs [V, {input.shape[-1]}] to match input")
+    input, linear_weight, linear_bias = autocast_inputs(input, linear_weight, linear_bias)
+    for name, t in (("linear_weight", linear_weight), ("linear_bias", linear_bias)):
+        if t is not None and (t.dtype != input.dtype or t.device != input.device):
+            raise TypeError(f"{name}: dtype/device {t.dtype}/{t.device} differ from input's {input.dtype}/{input.device}")
+    shape = tuple(input.shape[:-1])
+    v_size = linear_weight.shape[0]
+    flat = _inputs.check_target(target, shape, input, "input")
+    h = input.reshape(-1, input.shape[-1])
+    policy = resolve_policy(acc_policy, linear_weight.dtype)
+    rows = chunk_rows(h.shape[0], v_size, h.shape[1], input.element_size(), chunk_size, input.device.type, False)
+    _inputs.check_range(flat, v_size, ignore_index)
+    params = _params(get_backend(impl, input), shape, ignore_index, softcap, temperature, rows=rows,
+                     acc_policy=policy)
+    with torch.autocast(input.device.type, enabled=False):
+        logp, ent = LinearLogProbsFunction.apply(h, linear_weight, linear_bias, flat, params)
+    return logp.reshape(shape), ent.reshape(shape)
