@@ -3,6 +3,9 @@ Cross-Entropy and F.linear_cross_entropy, measured in one run.
 
     python -m bench.compare --suite headline   # Qwen2.5-7B and Llama-3-8B heads, N = 8192
     python -m bench.compare --suite sweep      # time and memory vs N and vs V, with plots
+    python -m bench.compare --suite frontier   # memory-time frontier of the fused linear path:
+                                               # chunk sizes x acc_policy x weighting, peers on the
+                                               # same axes, and each one's bf16 dW/dh error
 
 Writes ``bench/results/<suite>.json`` (device, driver, versions, ceilings, every median) and
 ``<suite>.md``; the sweep also writes PNG plots. Each result carries its fraction of the
@@ -114,7 +117,10 @@ def markdown(results):
         "",
     ]
     groups = {}
+    errors = [r for r in results["rows"] if r["kind"] == "grad_error"]
     for r in results["rows"]:
+        if r["kind"] == "grad_error":
+            continue
         key = (r["kind"], r["N"], r.get("D"), r["V"])
         groups.setdefault(key, []).append(r)
     for (kind, n, d, v), rows in groups.items():
@@ -129,6 +135,11 @@ def markdown(results):
             *[fmt_row(r) for r in rows],
             "",
         ]
+    if errors:
+        lines += ["**bf16 gradient error** against float64 (relative Frobenius norm)", "",
+                  "| implementation | upstream | dh | dW |", "|---|---|---|---|",
+                  *[f"| {r['impl']} | {r['upstream']} | {r['dh_rel_err']:.2e} | {r['dW_rel_err']:.2e} |" for r in errors],
+                  ""]
     return "\n".join(lines)
 
 
@@ -166,9 +177,99 @@ def plots(results, out_dir):
             plt.close(fig)
 
 
+FRONTIER_CHUNKS = (128, 256, 512, 1024, 2048, 4096)
+ROW_LOCAL = ("sft", "dft", "ranktuner", "overtone", "alpha_power", "threshold", "entropy_reg", "focal")
+
+
+def frontier_impls(weightings):
+    """Our fused linear path at every (weighting, acc_policy, chunk_size), and the peers."""
+    import ranktuner_kernels as rk
+
+    impls = {}
+    for name in weightings:
+        for policy in ("compact", "accurate"):
+            for rows in FRONTIER_CHUNKS:
+                impls[f"rk[{name}] {policy} C={rows}"] = lambda h, w, y, name=name, policy=policy, rows=rows: (
+                    lambda: rk.linear_cross_entropy(h, w, y, weighting=name, acc_policy=policy, chunk_size=rows))
+    peers = ("liger", "cut cross", "eager h@w.t + f.cross_entropy", "torch.compile(h@w.t + f.cross_entropy)")
+    impls.update({k: f for k, f in common.linear_impls(("sft",)).items() if k.lower().startswith(peers)})
+    return impls
+
+
+def grad_errors(n, d, v, log):
+    """Relative error of dW and dh in bf16 against a float64 reference, for each policy, Liger's
+    fused linear CE and torch (eager and compiled ``h @ W.T`` + CE), at an upstream gradient of 1
+    and of 0.37 (not a power of two: no implementation may round once more there)."""
+    import ranktuner_kernels as rk
+
+    h, w, y = common.make_linear_inputs(n, d, v)
+    rows = []
+    for upstream in (1.0, 0.37):
+        h64, w64 = h.double().requires_grad_(), w.double().requires_grad_()
+        (torch.nn.functional.cross_entropy(h64 @ w64.T, y) * upstream).backward()
+        ref = (h64.grad, w64.grad)
+        del h64, w64
+        cands = {f"rk {p}": (lambda hh, ww, p=p: rk.linear_cross_entropy(hh, ww, y, acc_policy=p))
+                 for p in ("compact", "accurate")}
+        cands["eager h@W.T + CE (bf16)"] = lambda hh, ww: torch.nn.functional.cross_entropy(hh @ ww.T, y)
+        cands["compiled h@W.T + CE"] = common.compiled(lambda hh, ww: torch.nn.functional.cross_entropy(hh @ ww.T, y))
+        try:
+            from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+
+            liger = LigerFusedLinearCrossEntropyLoss()
+            cands["liger FLCE"] = lambda hh, ww: liger(ww, hh, y)
+        except ImportError:
+            pass
+        for name, fn in cands.items():
+            hh, ww = h.clone().requires_grad_(), w.clone().requires_grad_()
+            try:
+                (fn(hh, ww) * upstream).backward()
+            except Exception as e:  # noqa: BLE001
+                log({"impl": name, "error": f"{type(e).__name__}: {str(e)[:200]}"})
+                continue
+            err = [float((g.double() - r).norm() / r.norm()) for g, r in zip((hh.grad, ww.grad), ref)]
+            row = {"kind": "grad_error", "impl": name, "upstream": upstream, "dh_rel_err": err[0], "dW_rel_err": err[1],
+                   "N": n, "D": d, "V": v}
+            log(row)
+            rows.append(row)
+            del hh, ww
+            torch.cuda.empty_cache()
+    return rows
+
+
+def frontier_plot(results, out_dir):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in results["rows"] if r.get("kind") == "linear" and "fwd_bwd_ms" in r]
+    fig, ax = plt.subplots(figsize=(9, 6))
+    series = {}
+    for r in rows:
+        key = r["impl"].split(" C=")[0]
+        series.setdefault(key, []).append((r["fwd_bwd_ms"], r["peak_extra_bytes"] / 2**30, r["impl"]))
+    for key, pts in series.items():
+        pts.sort()
+        marker = "o" if key.startswith("rk[") else "s"
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=marker, label=key, linestyle="-" if len(pts) > 1 else "")
+    ax.axvline(rows[0]["floor_ms"], color="k", linestyle="--", label="6NDV floor")
+    ax.set_xlabel("forward + backward, ms")
+    ax.set_ylabel("peak memory above the inputs, GiB")
+    ax.set_yscale("log")
+    ax.grid(True, alpha=0.3)
+    r0 = rows[0]
+    ax.set_title(f"fused linear memory-time frontier, N={r0['N']}, D={r0['D']}, V={r0['V']}, bf16, "
+                 f"{results['environment']['device']}", fontsize=9)
+    ax.legend(fontsize=6, ncol=2)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out_dir, "frontier.png"), dpi=120)
+    plt.close(fig)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--suite", choices=("headline", "sweep"), default="headline")
+    ap.add_argument("--suite", choices=("headline", "sweep", "frontier"), default="headline")
     ap.add_argument("--all-weightings", action="store_true", help="every weighting, not only sft and ranktuner")
     ap.add_argument("--heads", default="qwen2.5-7b,llama-3-8b")
     ap.add_argument("--tokens", type=int, default=8192)
@@ -194,6 +295,11 @@ def main(argv=None):
             results["rows"] += bench_linear(args.tokens, d, v, common.linear_impls(weightings), ceil, args.reps, args.warmup, log)
             if not args.no_logits:
                 results["rows"] += bench_logits(args.tokens, v, common.logits_impls(weightings), ceil, args.reps, args.warmup, log)
+    elif args.suite == "frontier":
+        d, v = HEADS["qwen2.5-7b"]
+        names = ROW_LOCAL if args.all_weightings else ("sft", "ranktuner")
+        results["rows"] += bench_linear(args.tokens, d, v, frontier_impls(names), ceil, args.reps, args.warmup, log)
+        results["rows"] += grad_errors(2048, d, v, log)
     else:
         d, v0 = HEADS["llama-3-8b"]
         # torch.compile peers are left out of the sweep: they recompile at every shape (minutes
@@ -219,6 +325,8 @@ def main(argv=None):
         f.write(md + "\n")
     if args.suite == "sweep":
         plots(results, args.out)
+    if args.suite == "frontier":
+        frontier_plot(results, args.out)
     print(md)
 
 

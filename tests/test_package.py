@@ -34,3 +34,27 @@ def test_demo_runs_and_checks_every_weighting():
         assert out.returncode == 0, out.stdout + out.stderr
         for name in sorted(rk.weightings.WEIGHTINGS):
             assert any(line.startswith(name) and line.rstrip().endswith("ok") for line in out.stdout.splitlines()), name
+
+
+def test_import_is_light():
+    """Importing the package imports neither torch._dynamo (until a loss runs) nor Triton nor
+    any optional integration."""
+    import subprocess
+    import sys
+
+    code = ("import sys, ranktuner_kernels\n"
+            "heavy = [m for m in ('torch._dynamo', 'triton', 'transformers', 'trl', 'matplotlib') if m in sys.modules]\n"
+            "print(heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_module_reprs_show_their_objective():
+    import torch
+
+    loss_fn = rk.TokenReweightedLoss("ranktuner", label_smoothing=0.1)
+    assert "RankTuner(w0='p'" in repr(loss_fn) and "label_smoothing=0.1" in repr(loss_fn)
+    head = torch.nn.Linear(4, 10, bias=False)
+    lin = rk.LinearTokenReweightedLoss.from_linear(head, rk.EAFT(k=5), chunk_size=8)
+    assert "EAFT(k=5" in repr(lin) and "vocab=10, hidden=4" in repr(lin) and "chunk_size=8" in repr(lin)
