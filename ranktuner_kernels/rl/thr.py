@@ -33,39 +33,24 @@ Triton kernel (``ranktuner_kernels.kernels.thr``) on CUDA, or to the streaming t
 from __future__ import annotations
 
 import math
-import os
 
 import torch
+
+from .._dispatch import pick_impl
 
 __all__ = ["token_hidden_reward", "thr_advantages", "thr_guided_advantages", "thr_pair_sums"]
 
 IMPLS = ("auto", "triton", "reference", "naive")
-KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 NORMALIZE = ("none", "length")
 
 
-def _triton_ok() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
 def _pick_impl(impl: str, logits: torch.Tensor) -> str:
+    """The losses' dispatch (``auto``/``triton``/``reference``), plus ``"naive"``."""
+    if impl == "naive":
+        return impl
     if impl not in IMPLS:
         raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
-    if impl == "auto":
-        use = logits.is_cuda and logits.dtype in KERNEL_DTYPES and _triton_ok()
-        return "triton" if use else "reference"
-    if impl == "triton":
-        if not _triton_ok():
-            raise ValueError("impl='triton': Triton is not installed")
-        if logits.dtype not in KERNEL_DTYPES:
-            raise TypeError(f"impl='triton': logits dtype must be one of {KERNEL_DTYPES}, got {logits.dtype}")
-        if not logits.is_cuda and os.environ.get("TRITON_INTERPRET", "0") != "1":
-            raise ValueError("impl='triton' needs CUDA tensors (or TRITON_INTERPRET=1 set before import)")
-    return impl
+    return pick_impl(impl, logits)
 
 
 def _as_rows(logits: torch.Tensor) -> torch.Tensor:
