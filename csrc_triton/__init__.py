@@ -7,5 +7,7 @@ the kernels on CPU tensors with Triton's interpreter (slow; small shapes only).
 from . import weightings
 from .row_stats import row_stats
 from .row_grad import row_grad
+from .topk_entropy import MAX_K as topk_entropy_max_k
+from .topk_entropy import topk_entropy
 
-__all__ = ["row_stats", "row_grad", "weightings"]
+__all__ = ["row_stats", "row_grad", "topk_entropy", "weightings"]

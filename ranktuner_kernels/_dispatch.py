@@ -83,6 +83,9 @@ class Backend:
                                      params.ignore_index, out, *params.transform)
 
     def topk_entropy(self, logits, target, k, params):
+        """EAFT's top-K entropy: the streaming kernel for ``k <= 64``, else ``torch.topk``."""
+        if self.name == "triton" and k <= self.kernels.topk_entropy_max_k:
+            return self.kernels.topk_entropy(logits, target, k, params.ignore_index, *params.transform)
         return reference.topk_entropy(logits, target, k, params.ignore_index, params.transform)
 
 

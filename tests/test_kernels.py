@@ -156,3 +156,30 @@ def test_flat_and_peaked_rows(name, scale):
     assert torch.isfinite(loss).all() and torch.isfinite(grad).all()
     torch.testing.assert_close(loss.double(), ref, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("v, k", [(50, 20), (10, 20), (4100, 20), (300, 1), (300, 64), (2049, 7)], ids=str)
+def test_streaming_topk_entropy(v, k):
+    """EAFT's top-K entropy kernel against torch.topk: K above and below V, several tiles, a
+    max in the last tile, ties (bf16 logits of few values), -inf, NaN, a confident row."""
+    from ranktuner_kernels import kernels, reference
+
+    g = torch.Generator().manual_seed(v + k)
+    z = torch.randn(1, 8, v, generator=g) * 3
+    z[0, 2, -1] = 40.0  # confident, the max found last
+    z[0, 3] = torch.randint(-2, 3, (v,), generator=g).float()  # many ties
+    z[0, 4, : v // 2] = float("-inf")
+    z[0, 5, v // 3] = float("nan")
+    y = torch.randint(0, v, (8,), generator=g)
+    y[1] = -100
+    for dtype in (torch.float32, torch.bfloat16):
+        x = z.to(dtype).to(DEVICE)
+        got = kernels.topk_entropy(x, y.to(DEVICE), k, -100)
+        want = reference.topk_entropy(x.double(), y.to(DEVICE), k, -100)
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6, equal_nan=True)
+        assert got[5].isnan() and got[1] == 0
+    got = kernels.topk_entropy(z.to(DEVICE), y.to(DEVICE), k, -100, softcap=5.0, temperature=0.5)
+    want = reference.topk_entropy(z.double().to(DEVICE), y.to(DEVICE), k, -100, reference.Transform(5.0, 0.5))
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6, equal_nan=True)
+    with pytest.raises(ValueError, match="k"):
+        kernels.topk_entropy(z.to(DEVICE), y.to(DEVICE), 65, -100)
