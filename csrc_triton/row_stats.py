@@ -14,6 +14,12 @@ Where the weighting needs only the row's own statistics (every one but TALR and 
 Triton formula (``FORMULA``, from ``weightings.py``) runs in registers too and writes
 ``value``, ``w`` and ``beta`` times the caller's per-token ``scale``. One program per row;
 ignored rows load nothing and store zeros.
+
+``PARTIAL`` (a vocabulary shard, ``ranktuner_kernels._distributed``): the target logit comes
+from a pointer (the global one, all-reduced beforehand; the rank counts against it), the
+target's column is the shard-local index (none where another shard owns it), and the kernel
+stores the raw ``m, u, a, r, sum z'`` for the caller to merge across shards instead of the
+final formulas. The single-process launch is unchanged (``PARTIAL`` is a ``tl.constexpr``).
 """
 
 from __future__ import annotations
@@ -31,24 +37,29 @@ FAR = tl.constexpr(30.0)
 
 @triton.heuristics({"HAS_SCALE": lambda args: args["scale_ptr"] is not None,
                     "HAS_MEAN": lambda args: args["mean_ptr"] is not None,
-                    "HAS_TERMS": lambda args: args["value_ptr"] is not None})
+                    "HAS_TERMS": lambda args: args["value_ptr"] is not None,
+                    "PARTIAL": lambda args: args["zy_in_ptr"] is not None})
 @triton.jit
 def _row_stats_kernel(
     logits_ptr, target_ptr,
     lse_ptr, logp_ptr, zy_ptr, max_ptr, ent_ptr, rank_ptr, mean_ptr,
-    value_ptr, w_ptr, beta_ptr, scale_ptr,
+    value_ptr, w_ptr, beta_ptr, scale_ptr, zy_in_ptr,
     softcap, inv_temperature, P0, P1,
     T, stride_b, stride_t, V, ignore_index,
     BLOCK_V: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_TEMPERATURE: tl.constexpr,
     HAS_MEAN: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_TERMS: tl.constexpr,
     FORMULA: tl.constexpr, S0: tl.constexpr, S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr,
+    PARTIAL: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     base = logits_ptr + (row // T) * stride_b + (row % T) * stride_t
     y = tl.load(target_ptr + row)
     keep = y != ignore_index
-    # column 0 always exists; an out-of-range target (reported by the caller) reads it too
-    zy_raw = tl.load(base + tl.where(keep & (y >= 0) & (y < V), y, 0)).to(tl.float32)
+    if PARTIAL:  # a vocabulary shard: the global target logit, all-reduced by the caller
+        zy_raw = tl.load(zy_in_ptr + row)
+    else:
+        # column 0 always exists; an out-of-range target (reported by the caller) reads it too
+        zy_raw = tl.load(base + tl.where(keep & (y >= 0) & (y < V), y, 0)).to(tl.float32)
     zy = transform(zy_raw, softcap, inv_temperature, HAS_SOFTCAP, HAS_TEMPERATURE)
 
     v_live = tl.where(keep, V, 0)  # ignored rows load nothing
@@ -76,40 +87,49 @@ def _row_stats_kernel(
         u = u * alpha + tl.sum(e, axis=0)
         m = m_new
 
-    d = m - zy  # >= 0; NaN for a NaN row
-    far = ~(d < FAR)
-    e_y = tl.exp(-d)
-    s = u + e_y
-    ratio = u * tl.exp(tl.where(far, 0.0, d))  # (1 - p_t) / p_t
-    nll = tl.where(far, d + tl.log(s), log1p(ratio))
-    q = tl.where(far, -expm1(-nll), ratio / (1.0 + ratio))
-    log_s = tl.where(far, tl.log(s), nll - d)
-    lse = m + log_s
-    a += tl.where(e_y > 0, -d * e_y, 0.0)
-    ent = log_s - a / s
-    tl.store(lse_ptr + row, tl.where(keep, lse, 0.0))
-    tl.store(logp_ptr + row, tl.where(keep, -nll, 0.0))
-    tl.store(zy_ptr + row, tl.where(keep, zy, 0.0))
-    tl.store(max_ptr + row, tl.where(keep, m, 0.0))
-    tl.store(ent_ptr + row, tl.where(keep, ent, 0.0))
-    tl.store(rank_ptr + row, tl.where(keep, r, 0))
-    if HAS_MEAN:
-        tl.store(mean_ptr + row, tl.where(keep, zsum / V, 0.0))
-    if HAS_TERMS:
-        value, w, beta = FORMULA(-nll, q, ent, tl.exp(-log_s), zy, m, r, P0, P1, S0, S1, S2, S3)
-        if HAS_SCALE:
-            c = tl.load(scale_ptr + row).to(tl.float32)
-            value, w, beta = value * c, w * c, beta * c
-        tl.store(value_ptr + row, tl.where(keep, value, 0.0))
-        tl.store(w_ptr + row, tl.where(keep, w, 0.0))
-        tl.store(beta_ptr + row, tl.where(keep, beta, 0.0))
+    if PARTIAL:  # the raw accumulators, merged across shards by the caller
+        tl.store(max_ptr + row, tl.where(keep, m, 0.0))
+        tl.store(lse_ptr + row, tl.where(keep, u, 0.0))
+        tl.store(ent_ptr + row, tl.where(keep, a, 0.0))
+        tl.store(rank_ptr + row, tl.where(keep, r, 0))
+        if HAS_MEAN:
+            tl.store(mean_ptr + row, tl.where(keep, zsum, 0.0))
+    else:
+        d = m - zy  # >= 0; NaN for a NaN row
+        far = ~(d < FAR)
+        e_y = tl.exp(-d)
+        s = u + e_y
+        ratio = u * tl.exp(tl.where(far, 0.0, d))  # (1 - p_t) / p_t
+        nll = tl.where(far, d + tl.log(s), log1p(ratio))
+        q = tl.where(far, -expm1(-nll), ratio / (1.0 + ratio))
+        log_s = tl.where(far, tl.log(s), nll - d)
+        lse = m + log_s
+        a += tl.where(e_y > 0, -d * e_y, 0.0)
+        ent = log_s - a / s
+        tl.store(lse_ptr + row, tl.where(keep, lse, 0.0))
+        tl.store(logp_ptr + row, tl.where(keep, -nll, 0.0))
+        tl.store(zy_ptr + row, tl.where(keep, zy, 0.0))
+        tl.store(max_ptr + row, tl.where(keep, m, 0.0))
+        tl.store(ent_ptr + row, tl.where(keep, ent, 0.0))
+        tl.store(rank_ptr + row, tl.where(keep, r, 0))
+        if HAS_MEAN:
+            tl.store(mean_ptr + row, tl.where(keep, zsum / V, 0.0))
+        if HAS_TERMS:
+            value, w, beta = FORMULA(-nll, q, ent, tl.exp(-log_s), zy, m, r, P0, P1, S0, S1, S2, S3)
+            if HAS_SCALE:
+                c = tl.load(scale_ptr + row).to(tl.float32)
+                value, w, beta = value * c, w * c, beta * c
+            tl.store(value_ptr + row, tl.where(keep, value, 0.0))
+            tl.store(w_ptr + row, tl.where(keep, w, 0.0))
+            tl.store(beta_ptr + row, tl.where(keep, beta, 0.0))
 
 
 _row_stats_autotuned = triton.autotune(configs=autotune_configs(), key=["V", "FORMULA"])(_row_stats_kernel)
 
 
 def row_stats(logits: torch.Tensor, target: torch.Tensor, ignore_index: int, softcap=None, temperature=1.0,
-              with_mean=False, formula=None, formula_args=((0.0, 0.0), (None,) * 4), scale=None):
+              with_mean=False, formula=None, formula_args=((0.0, 0.0), (None,) * 4), scale=None,
+              partial_target_logit=None):
     """Launch one program per row of ``[B, T, V]`` logits (last stride 1) with ``[B*T]`` int64
     targets. ``softcap``/``temperature``: the logit transform; ``with_mean``: also the mean
     transformed logit (label smoothing).
@@ -118,7 +138,15 @@ def row_stats(logits: torch.Tensor, target: torch.Tensor, ignore_index: int, sof
     with ``formula`` (a Triton formula of ``weightings.py``; ``formula_args = ((P0, P1),
     (S0, S1, S2, S3))``), the float32 ``(value, w, beta)`` times ``scale`` ``[B*T]`` if given,
     else None.
+
+    ``partial_target_logit`` (float32 ``[B*T]``, the global untransformed target logit): a
+    vocabulary shard's pass (``target`` holds shard-local indices, anything outside
+    ``[0, V)`` but ``ignore_index`` for a target another shard owns). Returns the raw
+    accumulators ``(m, u, a, r, zsum or None)`` of ``reference.partial_row_stats`` instead
+    (``r`` int64; no formula).
     """
+    if partial_target_logit is not None:
+        return _partial(logits, target, ignore_index, softcap, temperature, with_mean, partial_target_logit)
     b_size, t_size, v_size = logits.shape
     n = b_size * t_size
     dev = logits.device
@@ -130,7 +158,7 @@ def row_stats(logits: torch.Tensor, target: torch.Tensor, ignore_index: int, sof
     terms = (buf(), buf(), buf()) if formula is not None else (None,) * 3
     (p0, p1), switches = formula_args
     if n > 0:
-        args = (logits, target, *stats, *terms, scale,
+        args = (logits, target, *stats, *terms, scale, None,
                 1.0 if softcap is None else float(softcap), 1.0 / temperature, float(p0), float(p1),
                 *row_offsets(logits.shape, logits.stride()), v_size, ignore_index)
         kw = dict(HAS_SOFTCAP=softcap is not None, HAS_TEMPERATURE=temperature != 1.0, FORMULA=formula,
@@ -141,3 +169,26 @@ def row_stats(logits: torch.Tensor, target: torch.Tensor, ignore_index: int, sof
             _row_stats_kernel[(n,)](*args, **kw, **fixed_config(v_size))
     stats[5] = stats[5].long()
     return tuple(stats), (terms if formula is not None else None)
+
+
+def _partial(logits, target, ignore_index, softcap, temperature, with_mean, target_logit):
+    b_size, t_size, v_size = logits.shape
+    n = b_size * t_size
+
+    def buf(dtype=torch.float32):
+        return torch.empty(n, dtype=dtype, device=logits.device)
+
+    u, a, m, r = buf(), buf(), buf(), buf(torch.int32)
+    zsum = buf() if with_mean else None
+    if n > 0:
+        # (lse, logp, zy, max, ent, rank, mean) slots: u -> lse, a -> ent, zy unused
+        args = (logits, target, u, None, None, m, a, r, zsum, None, None, None, None,
+                target_logit.float().contiguous(), 1.0 if softcap is None else float(softcap), 1.0 / temperature,
+                0.0, 0.0, *row_offsets(logits.shape, logits.stride()), v_size, ignore_index)
+        kw = dict(HAS_SOFTCAP=softcap is not None, HAS_TEMPERATURE=temperature != 1.0, FORMULA=None,
+                  S0=None, S1=None, S2=None, S3=None)
+        if AUTOTUNE:
+            _row_stats_autotuned[(n,)](*args, **kw)
+        else:
+            _row_stats_kernel[(n,)](*args, **kw, **fixed_config(v_size))
+    return m, u, a, r.long(), zsum

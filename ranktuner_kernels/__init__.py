@@ -12,7 +12,7 @@ In the wheel both live inside this package; in a source checkout, ``pip install 
 them the same way.
 """
 
-from . import rl, weightings
+from . import distributed, rl, weightings
 from .linear_loss import linear_cross_entropy
 from .token_logprobs import linear_logprobs, logprobs
 from .modules import LinearTokenReweightedLoss, TokenReweightedLoss
@@ -40,6 +40,7 @@ __all__ = [
     "logprobs",
     "linear_logprobs",
     "rl",
+    "distributed",
     "TokenReweightedLoss",
     "LinearTokenReweightedLoss",
     "weightings",

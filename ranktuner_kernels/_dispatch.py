@@ -63,6 +63,10 @@ class Backend:
         and this is the Triton backend, the weighting's ``(value, w, beta)`` from the
         statistics kernel (times ``scale``; else None: the torch formula runs afterwards)."""
         with_mean = params.label_smoothing > 0
+        if params.shard is not None:  # a vocabulary shard: partial pass, merge, torch formula
+            from . import _distributed
+
+            return _distributed.row_stats(self, logits, target, params), None
         if self.name == "reference":
             return reference.row_stats(logits, target, params.ignore_index, params.transform, with_mean), None
         formula = None
@@ -83,10 +87,24 @@ class Backend:
                                      params.ignore_index, out, *params.transform)
 
     def topk_entropy(self, logits, target, k, params):
-        """EAFT's top-K entropy: the streaming kernel for ``k <= 64``, else ``torch.topk``."""
+        """EAFT's top-K entropy: the streaming kernel for ``k <= 64``, else ``torch.topk``; on a
+        vocabulary shard, the shards' top-K candidates gathered and merged."""
+        if params.shard is not None:
+            from . import _distributed
+
+            return _distributed.topk_entropy(logits, target, k, params)
         if self.name == "triton" and k <= self.kernels.topk_entropy_max_k:
             return self.kernels.topk_entropy(logits, target, k, params.ignore_index, *params.transform)
         return reference.topk_entropy(logits, target, k, params.ignore_index, params.transform)
+
+    def partial_row_stats(self, logits, target, target_logit, params):
+        """A vocabulary shard's raw accumulators ``(m, u, a, r, zsum)`` (``reference.partial_row_stats``)."""
+        with_mean = params.label_smoothing > 0
+        if self.name == "reference":
+            return reference.partial_row_stats(logits, target, target_logit, params.ignore_index, params.transform,
+                                               with_mean)
+        return self.kernels.row_stats(logits, target, params.ignore_index, *params.transform, with_mean,
+                                      partial_target_logit=target_logit)
 
 
 def get_backend(impl: str, tensor: torch.Tensor) -> Backend:

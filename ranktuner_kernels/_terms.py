@@ -18,8 +18,14 @@ from .weightings import Batch, Terms
 
 
 def weighting_terms(params, stats: RowStats, keep, scale, topk_entropy=None) -> Terms:
-    """The weighting's torch formula times the caller's ``scale``, exactly zero on ignored tokens."""
-    t = params.weighting.terms(stats, Batch(keep, params.shape, topk_entropy))
+    """The weighting's torch formula times the caller's ``scale``, exactly zero on ignored tokens
+    (a batch-level statistic, TALR's median, over ``params.dp_group`` where given)."""
+    weighting = params.weighting
+    if weighting.batch_level and getattr(params, "dp_group", None) is not None:
+        from . import _distributed
+
+        weighting = _distributed.group_weighting(weighting, stats, keep, params)
+    t = weighting.terms(stats, Batch(keep, params.shape, topk_entropy))
     mult = keep.to(t.value.dtype) if scale is None else torch.where(keep, scale.to(t.value.dtype), 0)
 
     def masked(x):

@@ -32,17 +32,22 @@ anyway); balanced into equal chunks. Peak memory above the inputs:
   + C * V * isz                                 the logits chunk, reused for its gradient
   + ("accurate", 16-bit) V * D * 4              the float32 dW accumulator
   + O(N + C) statistics
+
+Vocabulary parallel (``process_group``, ``docs/distributed.md``): ``W`` is this rank's rows of
+the head; each chunk's statistics are merged across the group (three small all-reduces per
+chunk; every rank cuts the same chunks), ``dW`` is the shard's, and ``dh`` (float32 for 16-bit
+inputs: ``N * D * 4`` bytes instead of ``N * D * isz``) is all-reduced in backward.
 """
 
 from __future__ import annotations
 
 import torch
 
-from . import _inputs, _terms
+from . import _distributed, _inputs, _terms
 from ._dispatch import get_backend
 from ._params import LossParams, check_options
 from .reference import RowStats, compute_dtype
-from .token_loss import forward_terms, stats_dict
+from .token_loss import _shard, forward_terms, normaliser, stats_dict
 from .weightings import Terms, resolve
 
 #: Bytes of logits held at once by default, per device type (see the module docstring).
@@ -113,12 +118,14 @@ def _logits(h_c, weight, bias):
 
 
 class _Grads:
-    """dh (input dtype), dW (the weight's dtype, or a float32 accumulator for ``"accurate"``)
-    and a float32 db, filled chunk by chunk."""
+    """dh (input dtype, or float32 with ``dh_f32``: a vocabulary shard's part, summed over the
+    group before the one rounding), dW (the weight's dtype, or a float32 accumulator for
+    ``"accurate"``) and a float32 db, filled chunk by chunk."""
 
-    def __init__(self, h, weight, bias, needs, policy):
+    def __init__(self, h, weight, bias, needs, policy, dh_f32=False):
         f32 = policy == "accurate"
-        self.dh = torch.empty_like(h) if needs[0] else None
+        dh_dtype = torch.float32 if dh_f32 and h.dtype in (torch.bfloat16, torch.float16) else h.dtype
+        self.dh = torch.empty(h.shape, dtype=dh_dtype, device=h.device) if needs[0] else None
         self.dw = torch.empty(weight.shape, dtype=torch.float32 if f32 else weight.dtype, device=h.device) \
             if needs[1] else None
         self.db = torch.empty(weight.shape[0], dtype=compute_dtype(h.dtype), device=h.device) if needs[2] else None
@@ -127,7 +134,10 @@ class _Grads:
     def add_chunk(self, start, dz, h_c, weight):
         """Fold the ``[C, V]`` logits gradient of rows ``start:start+C`` into the buffers."""
         if self.dh is not None:
-            torch.mm(dz, weight, out=self.dh[start : start + dz.shape[0]])
+            if self.dh.dtype == dz.dtype:
+                torch.mm(dz, weight, out=self.dh[start : start + dz.shape[0]])
+            else:
+                mm_into_f32(self.dh[start : start + dz.shape[0]], dz, weight, accumulate=False)
         if self.dw is not None:
             mm = mm_into if self.dw.dtype == dz.dtype else mm_into_f32
             mm(self.dw, dz.t(), h_c, accumulate=self.started)
@@ -162,7 +172,7 @@ class LinearTokenLossFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, h, weight, bias, target, scale, norm, params: LossParams):
-        n, v_size = h.shape[0], weight.shape[0]
+        n, v_size = h.shape[0], params.vocab(weight.shape[0])
         weighting = params.weighting
         keep = target != params.ignore_index
         acc = compute_dtype(h.dtype)
@@ -172,7 +182,7 @@ class LinearTokenLossFunction(torch.autograd.Function):
                              torch.zeros(n, dtype=acc, device=h.device) if with_mean else None)
         needs = _needs_grads(ctx, bias, params.grad_enabled)
         one_sweep = not weighting.batch_level and params.reduction != "none" and any(needs)
-        grads = _Grads(h, weight, bias, needs, params.acc_policy) if one_sweep else None
+        grads = _Grads(h, weight, bias, needs, params.acc_policy, dh_f32=_dh_f32(params)) if one_sweep else None
         g1 = _terms.upstream(torch.ones((), device=h.device), params.reduction, norm, n, acc)
         parts = {"value": [], "w": [], "beta": [], "z_loss": []}
         for start in range(0, n, params.rows):
@@ -222,11 +232,12 @@ class LinearTokenLossFunction(torch.autograd.Function):
             # formed in forward for an upstream gradient of 1: scaling by a power of two is exact
             g = grad_loss.float()
             scaled = [None if t is None else t if bool(g == 1) else (t * g).to(t.dtype) for t in stored]
+            scaled[0] = _distributed.all_reduce_input_grad(scaled[0], params, h, fresh=not bool(g == 1))
             return (*scaled, None, None, None, None)
         with torch.autocast(h.device.type, enabled=False):
             keep = target != params.ignore_index
             needs = _needs_grads(ctx, bias)
-            grads = _Grads(h, weight, bias, needs, params.acc_policy)
+            grads = _Grads(h, weight, bias, needs, params.acc_policy, dh_f32=_dh_f32(params))
             g = _terms.upstream(grad_loss, params.reduction, norm, h.shape[0], w.dtype)
             for start in range(0, h.shape[0], params.rows):
                 sl = slice(start, min(h.shape[0], start + params.rows))
@@ -235,11 +246,17 @@ class LinearTokenLossFunction(torch.autograd.Function):
                 stats = RowStats(lse[sl], logp_t[sl], None, None, entropy[sl], None,
                                  None if logit_mean is None else logit_mean[sl])
                 terms = Terms(None, w[sl], None if beta is None else beta[sl])
-                coefs = _terms.grad_coefs(params, stats, keep[sl], terms, g[sl], weight.shape[0])
+                coefs = _terms.grad_coefs(params, stats, keep[sl], terms, g[sl], params.vocab(weight.shape[0]))
                 params.backend.row_grad(logits, target[sl], stats, coefs, params, out=logits)
                 grads.add_chunk(start, logits[0], h_c, weight)
                 del logits
-            return (*grads.final(weight, bias), None, None, None, None)
+            dh, dw, db = grads.final(weight, bias)
+            return (_distributed.all_reduce_input_grad(dh, params, h, fresh=True), dw, db, None, None, None, None)
+
+
+def _dh_f32(params) -> bool:
+    """A vocabulary shard's ``dh`` is a partial sum: accumulate and all-reduce it in float32."""
+    return params.shard is not None and params.reduce_input_grad
 
 
 def autocast_inputs(*tensors):
@@ -275,6 +292,11 @@ def linear_cross_entropy(
     chunk_size: int | None = None,
     acc_policy: str = "auto",
     impl: str = "auto",
+    process_group=None,
+    vocab_offset: int | None = None,
+    vocab_size: int | None = None,
+    dp_group=None,
+    reduce_input_grad: bool = True,
 ):
     """Token-reweighted cross-entropy of ``input @ linear_weight.T + linear_bias`` without
     materialising the logits; ``torch.nn.functional.linear_cross_entropy``'s signature and
@@ -293,6 +315,16 @@ def linear_cross_entropy(
         chunk_size: rows per chunk (default: the chunk rule of the module docstring): the
             memory-time knob, peak extra memory grows by ``chunk_size * V * itemsize``.
         acc_policy: ``"auto"`` (compact for 16-bit weights), ``"compact"`` or ``"accurate"``.
+        process_group: vocabulary parallelism: ``linear_weight`` (and ``linear_bias``) are this
+            rank's contiguous rows ``[V_r, D]`` of the head (shards in rank order, uneven sizes
+            allowed); every rank holds the same ``input`` and global targets. Loss and
+            gradients equal the unsharded call's: ``linear_weight``'s gradient is its shard's,
+            ``input``'s is summed over the group (what a column-parallel head's input needs;
+            accumulated and all-reduced in float32 for 16-bit inputs, ``N * D * 4`` bytes). A
+            DTensor ``linear_weight`` sharded on dim 0 (``ColwiseParallel``) names its group.
+        reduce_input_grad: ``False`` returns this shard's part of ``input``'s gradient, for
+            frameworks that all-reduce it themselves (Megatron's copy-to-region).
+        vocab_offset, vocab_size, dp_group: as in :func:`ranktuner_kernels.cross_entropy`.
         The other arguments are those of :func:`ranktuner_kernels.cross_entropy`.
 
     Under ``torch.autocast`` the inputs are cast to the autocast dtype, as ``F.linear`` does.
@@ -301,6 +333,11 @@ def linear_cross_entropy(
         the loss in float32 (float64 for float64 input), and the stats dict if
         ``return_stats``. Gradients flow to ``input``, ``linear_weight`` and ``linear_bias``.
     """
+    linear_weight, process_group = _distributed.vocab_local(linear_weight, 0, "linear_weight", process_group)
+    if _distributed.is_dtensor(linear_bias):
+        linear_bias, _ = _distributed.vocab_local(linear_bias, 0, "linear_bias", None)
+    input = _distributed.replicated(input, "input")
+    target = _distributed.replicated(target, "target")
     weighting = resolve(weighting)
     ignore_index = _inputs.check_ignore_index(ignore_index)
     tr, label_smoothing, z_loss = check_options(reduction, softcap, temperature, label_smoothing, z_loss)
@@ -324,8 +361,9 @@ def linear_cross_entropy(
     if linear_bias is not None and tuple(linear_bias.shape) != (linear_weight.shape[0],):
         raise ValueError(f"linear_bias: expected shape ({linear_weight.shape[0]},), got {tuple(linear_bias.shape)}")
     shape = tuple(input.shape[:-1])
-    v_size = linear_weight.shape[0]
     flat_target = _inputs.check_target(target, shape, input, "input")
+    shard = _shard(process_group, linear_weight.shape[0], flat_target, vocab_offset, vocab_size, input.device)
+    v_size = linear_weight.shape[0] if shard is None else shard.v_global
     scale = _inputs.caller_scale(token_weight, sequence_weight, shape, input)
     cw = _inputs.class_weight(weight, v_size, flat_target, ignore_index, input)
     if cw is not None:
@@ -335,12 +373,17 @@ def linear_cross_entropy(
     h = input.reshape(-1, input.shape[-1])
     policy = resolve_policy(acc_policy, linear_weight.dtype)
     f32_cast = policy == "accurate" and torch.is_grad_enabled() and linear_weight.requires_grad
-    rows = chunk_rows(h.shape[0], v_size, h.shape[1], input.element_size(), chunk_size, input.device.type, f32_cast)
+    # every rank of a vocabulary group must cut the same chunks (one merge per chunk)
+    v_chunk = v_size if shard is None else -(-v_size // shard.world)
+    rows = chunk_rows(h.shape[0], v_chunk, h.shape[1], input.element_size(), chunk_size, input.device.type, f32_cast)
     _inputs.check_range(flat_target, v_size, ignore_index, num_items_in_batch)  # once, before 6NDV FLOPs
     keep = flat_target != ignore_index
-    norm = _inputs.normaliser(reduction, keep, num_items_in_batch, compute_dtype(input.dtype), cw)
+    norm = normaliser(reduction, keep, num_items_in_batch, compute_dtype(input.dtype), cw, dp_group)
+    if shard is not None:
+        flat_target = _distributed.local_target(flat_target, shard, ignore_index)
     params = LossParams(weighting, get_backend(impl, input), shape, ignore_index, reduction, tr, label_smoothing,
-                        z_loss, rows=rows, acc_policy=policy, grad_enabled=torch.is_grad_enabled())
+                        z_loss, rows=rows, acc_policy=policy, grad_enabled=torch.is_grad_enabled(), shard=shard,
+                        dp_group=dp_group, reduce_input_grad=bool(reduce_input_grad))
     with torch.autocast(input.device.type, enabled=False):
         loss, w, zl, *stats = LinearTokenLossFunction.apply(h, linear_weight, linear_bias, flat_target, scale, norm,
                                                             params)

@@ -6,6 +6,10 @@ Forward: one streaming pass per row computes the row statistics (``lse``, ``log 
 ``w``, ``beta`` per token (O(N); inside the statistics kernel on the Triton path). Backward:
 a second pass per row writes the one gradient (``_terms``) into a new buffer, or over the
 logits with ``inplace_backward=True``. Logits are read twice and the gradient written once.
+
+With ``process_group`` the logits are a vocabulary shard: the statistics pass is a partial
+pass merged across the group by three small all-reduces (``_distributed``), the gradient pass
+is the same kernel on the shard. ``dp_group`` makes ``"mean"`` a data-parallel mean.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import math
 
 import torch
 
-from . import _inputs, _terms
+from . import _distributed, _inputs, _terms
 from ._dispatch import get_backend
 from ._params import LossParams, check_options
 from .reference import RowStats, compute_dtype
@@ -64,7 +68,7 @@ class TokenLossFunction(torch.autograd.Function):
         keep = target != params.ignore_index
         stats = RowStats(lse, logp_t, None, None, entropy, None, logit_mean)
         g = _terms.upstream(grad_loss, params.reduction, norm, target.numel(), w.dtype)
-        coefs = _terms.grad_coefs(params, stats, keep, Terms(None, w, beta), g, logits.shape[-1])
+        coefs = _terms.grad_coefs(params, stats, keep, Terms(None, w, beta), g, params.vocab(logits.shape[-1]))
         out = logits if params.inplace_backward else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
         params.backend.row_grad(logits, target, stats, coefs, params, out)
         if params.inplace_backward:
@@ -117,16 +121,33 @@ def prepare_logits(input: torch.Tensor):
     return logits
 
 
-def checked_range(backend, flat_target, v_size, ignore_index, num_items, compute):
+def checked_range(backend, flat_target, v_size, ignore_index, num_items, compute, checked=False):
     """``compute()`` with the target range checked: before it on the reference (torch's
     indexing would fail first), after it on the Triton path, whose kernels clamp the index
-    they load: the check's read-back then waits on work that was queued anyway."""
-    if backend.name == "reference":
+    they load: the check's read-back then waits on work that was queued anyway. ``checked``:
+    the caller checked already (a vocabulary shard's targets are shard-local by now)."""
+    if backend.name == "reference" and not checked:
         _inputs.check_range(flat_target, v_size, ignore_index, num_items)
     out = compute()
-    if backend.name == "triton":
+    if backend.name == "triton" and not checked:
         _inputs.check_range(flat_target, v_size, ignore_index, num_items)
     return out
+
+
+def _shard(process_group, v_local, flat_target, vocab_offset, vocab_size, device):
+    """The vocabulary shard of a vocabulary-parallel call, else None."""
+    if process_group is None:
+        if vocab_offset is not None or vocab_size is not None:
+            raise ValueError("vocab_offset / vocab_size: only with process_group (a vocabulary shard)")
+        return None
+    return _distributed.vocab_shard(process_group, v_local, flat_target, vocab_offset, vocab_size, device)
+
+
+def normaliser(reduction, keep, num_items_in_batch, dtype, weight_per_token, dp_group):
+    """The divisor of ``"mean"`` (over a data-parallel group where given)."""
+    if dp_group is None:
+        return _inputs.normaliser(reduction, keep, num_items_in_batch, dtype, weight_per_token)
+    return _distributed.normaliser(reduction, keep, num_items_in_batch, dtype, weight_per_token, dp_group)
 
 
 def _legacy(size_average, reduce):
@@ -155,6 +176,10 @@ def cross_entropy(
     return_stats: bool = False,
     inplace_backward: bool = False,
     impl: str = "auto",
+    process_group=None,
+    vocab_offset: int | None = None,
+    vocab_size: int | None = None,
+    dp_group=None,
 ):
     """Token-reweighted cross-entropy with ``F.cross_entropy``'s signature and defaults: with no
     ``weighting`` it is plain cross-entropy; ``weighting="ranktuner"`` (or any other) reweights.
@@ -189,19 +214,33 @@ def cross_entropy(
         inplace_backward: write the gradient over ``input``'s memory (saves N x V; the
             logits are destroyed by the backward pass, which can run once).
         impl: ``"auto"`` (Triton on CUDA, reference otherwise), ``"triton"`` or ``"reference"``.
+        process_group: vocabulary parallelism: ``input`` is this rank's contiguous shard
+            ``[..., V_r]`` of the logits (shards in rank order, uneven sizes allowed; every rank
+            holds the same tokens and targets, which are global class indices). Loss, statistics
+            and the gradient of the shard equal the unsharded call's; ``weight`` is the whole
+            ``[V]``. A DTensor ``input`` sharded on its last dimension names its group itself.
+        vocab_offset, vocab_size: the shard's first column and the whole vocabulary's size
+            (both or neither); by default all-gathered from ``process_group``.
+        dp_group: data parallelism: ``"mean"`` divides by the group's number of kept tokens (or
+            ``num_items_in_batch``, the global count) over the group's size, so that the ranks'
+            average (DDP's, FSDP's gradient average) is the single-process mean; TALR's median
+            runs over the group's sequences. See ``docs/distributed.md``.
 
     Returns:
         the loss in float32 (float64 for float64 input): a scalar, or shaped like ``target`` for
         ``"none"``; and the stats dict if asked.
     """
     _legacy(size_average, reduce)
+    input, process_group = _distributed.vocab_local(input, -1, "input", process_group)
+    target = _distributed.replicated(target, "target")
     weighting = resolve(weighting)
     ignore_index = _inputs.check_ignore_index(ignore_index)
     tr, label_smoothing, z_loss = check_options(reduction, softcap, temperature, label_smoothing, z_loss)
     logits = prepare_logits(input)
     shape = tuple(input.shape[:-1])
-    v_size = input.shape[-1]
     flat_target = _inputs.check_target(target, shape, input, "input")
+    shard = _shard(process_group, input.shape[-1], flat_target, vocab_offset, vocab_size, input.device)
+    v_size = input.shape[-1] if shard is None else shard.v_global
     scale = _inputs.caller_scale(token_weight, sequence_weight, shape, input)
     cw = _inputs.class_weight(weight, v_size, flat_target, ignore_index, input)
     if cw is not None:
@@ -213,11 +252,15 @@ def cross_entropy(
                          "(this one is expanded or overlapping)")
     backend = get_backend(impl, input)
     keep = flat_target != ignore_index
-    norm = _inputs.normaliser(reduction, keep, num_items_in_batch, compute_dtype(input.dtype), cw)
+    norm = normaliser(reduction, keep, num_items_in_batch, compute_dtype(input.dtype), cw, dp_group)
     params = LossParams(weighting, backend, shape, ignore_index, reduction, tr, label_smoothing, z_loss,
-                        inplace_backward=inplace_backward)
+                        inplace_backward=inplace_backward, shard=shard, dp_group=dp_group)
+    if shard is not None:  # checked once against the whole vocabulary, then shard-local indices
+        _inputs.check_range(flat_target, v_size, ignore_index, num_items_in_batch)
+        flat_target = _distributed.local_target(flat_target, shard, ignore_index)
     loss, w, zl, *stats = checked_range(backend, flat_target, v_size, ignore_index, num_items_in_batch,
-                                        lambda: TokenLossFunction.apply(logits, flat_target, scale, norm, params))
+                                        lambda: TokenLossFunction.apply(logits, flat_target, scale, norm, params),
+                                        checked=shard is not None)
     if return_stats:
         return loss, stats_dict(shape, keep, w, zl, RowStats(*stats))
     return loss
@@ -225,19 +268,28 @@ def cross_entropy(
 
 @_inputs.eager
 def token_stats(input: torch.Tensor, target: torch.Tensor, *, ignore_index: int = -100, softcap=None,
-                temperature: float = 1.0, impl: str = "auto") -> dict:
+                temperature: float = 1.0, impl: str = "auto", process_group=None, vocab_offset=None,
+                vocab_size=None) -> dict:
     """Per-token ``p_t``, ``logp_t``, ``entropy`` (nats), ``entropy_bits``, ``p_max``, ``rank``,
     ``lse`` and ``accuracy`` shaped like ``target``, without a loss (no gradient; O(N) memory).
-    Ignored positions hold NaN (``rank`` 0, ``accuracy`` False)."""
+    Ignored positions hold NaN (``rank`` 0, ``accuracy`` False). ``process_group``,
+    ``vocab_offset``, ``vocab_size``: a vocabulary shard, as in :func:`cross_entropy`."""
+    input, process_group = _distributed.vocab_local(input, -1, "input", process_group)
+    target = _distributed.replicated(target, "target")
     ignore_index = _inputs.check_ignore_index(ignore_index)
     tr, _, _ = check_options("none", softcap, temperature, 0.0, 0.0)
     logits = prepare_logits(input)
     shape = tuple(input.shape[:-1])
     flat_target = _inputs.check_target(target, shape, input, "input")
+    shard = _shard(process_group, input.shape[-1], flat_target, vocab_offset, vocab_size, input.device)
+    keep = flat_target != ignore_index
+    if shard is not None:
+        _inputs.check_range(flat_target, shard.v_global, ignore_index)
+        flat_target = _distributed.local_target(flat_target, shard, ignore_index)
     backend = get_backend(impl, input)
-    params = LossParams(resolve("sft"), backend, shape, ignore_index, transform=tr)
+    params = LossParams(resolve("sft"), backend, shape, ignore_index, transform=tr, shard=shard)
     with torch.no_grad():
         stats, _ = checked_range(backend, flat_target, input.shape[-1], ignore_index, None,
-                                 lambda: backend.row_stats(logits, flat_target, params))
-    return stats_dict(shape, flat_target != ignore_index, None, None, stats)
+                                 lambda: backend.row_stats(logits, flat_target, params), checked=shard is not None)
+    return stats_dict(shape, keep, None, None, stats)
 

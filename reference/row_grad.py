@@ -16,14 +16,17 @@ def row_grad(logits, target, lse, logp_t, entropy, coefs: GradCoefs, ignore_inde
     ``lse``, ``logp_t``, ``entropy``: the row statistics ``[B*T]``; ``coefs``: the per-token
     coefficients (already times the upstream gradient over the normaliser). The target's
     element uses ``1 - p_t = -expm1(logp_t)``, so a confident token keeps its gradient.
-    Ignored rows get zeros. Returns ``out``.
+    Ignored rows get zeros. A kept target outside ``[0, V)`` (on a vocabulary shard: a target
+    another shard owns) adds no one-hot term. Returns ``out``.
     """
     dt = compute_dtype(logits.dtype)
     for start, stop, rows in row_chunks(logits, chunk_elements):
         sl = slice(start, stop)
         y = target[sl]
         keep = (y != ignore_index).unsqueeze(1)
-        y_col = torch.where(keep, y.unsqueeze(1), 0)
+        # a kept target outside [0, V) is owned by another vocabulary shard: no one-hot term here
+        owned = keep & (y >= 0).unsqueeze(1) & (y < rows.shape[1]).unsqueeze(1)
+        y_col = torch.where(owned, y.unsqueeze(1), 0)
         raw = rows.to(dt)
         logp = transform.apply(raw, tr) - lse[sl, None]
         p = logp.exp()
@@ -36,7 +39,7 @@ def row_grad(logits, target, lse, logp_t, entropy, coefs: GradCoefs, ignore_inde
             h = entropy[sl, None]
             d = d + coefs.gb[sl, None] * torch.where(p > 0, p * (logp + h), 0)
             d_y = d_y + coefs.gb[sl, None] * torch.where(p_t > 0, p_t * (logp_t[sl, None] + h), 0)
-        d = d.scatter(1, y_col, d_y)
+        d = d.scatter(1, y_col, torch.where(owned, d_y, d.gather(1, y_col)))
         if coefs.gc is not None:
             d = d - coefs.gc[sl, None]
         jac = transform.derivative(raw, tr)

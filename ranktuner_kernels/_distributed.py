@@ -1,0 +1,298 @@
+"""Vocabulary-parallel and data-parallel losses on ``torch.distributed`` (``docs/distributed.md``).
+
+Vocabulary parallel (``process_group=``): rank ``r`` of the group holds the contiguous columns
+``[offset_r, offset_r + V_r)`` of the logits (or rows of the LM head), in rank order. Every
+row statistic of SPEC merges across shards, so per row block:
+
+1. the owner of each target loads ``z_y`` (the others ``-inf``): all-reduce MAX -> the global
+   untransformed target logit (4 bytes per token);
+2. each rank runs a partial pass over its shard: its max ``m_r`` of ``z'``, the non-target
+   mass ``u_r`` and entropy sum ``a_r`` rescaled to ``m_r``, the rank count ``r_r`` (against
+   the global ``z_y``) and, with label smoothing, ``sum z'``;
+3. all-reduce MAX of ``m_r`` -> ``M`` (4 bytes), then each rank rescales ``u_r``, ``a_r`` to
+   ``M`` and one all-reduce SUM of ``(u, a, r[, sum z'])`` (12 or 16 bytes);
+4. the final formulas of the statistics kernel (``reference.finish_row_stats``) on the merged
+   values, identical on every rank; the weighting's torch formula; the gradient pass on the
+   local shard with the global ``lse``, ``log p_t``, ``H`` (the one-hot term only on the shard
+   that owns the target).
+
+Data parallel (``dp_group=``): ``reduction="mean"`` divides by the group's number of kept
+tokens over the group's size, so that averaging over the ranks (what DDP and FSDP do to
+gradients) gives the single-process mean; TALR's median runs over the group's sequences.
+"""
+
+from __future__ import annotations
+
+import sys
+import types
+from dataclasses import dataclass
+from typing import NamedTuple, Optional
+
+import torch
+import torch.distributed as dist
+
+from . import _inputs, reference
+from .reference import RowStats, compute_dtype
+from .weightings import TALR
+
+
+class VocabShard(NamedTuple):
+    """This rank's slice ``[offset, offset + v_local)`` of a ``v_global`` vocabulary, over ``group``."""
+
+    group: object
+    offset: int
+    v_local: int
+    v_global: int
+    world: int
+
+
+def _checksum(flat_target: torch.Tensor) -> torch.Tensor:
+    """An int64 fingerprint of the targets (position-weighted sum), to check that the ranks of a
+    vocabulary group hold the same tokens."""
+    n = flat_target.numel()
+    weights = torch.arange(n, device=flat_target.device, dtype=torch.int64) % 65521 + 1
+    return (flat_target.long() * weights).sum()
+
+
+def vocab_shard(group, v_local: int, flat_target: torch.Tensor, vocab_offset, vocab_size, device) -> VocabShard:
+    """The shard layout of ``group``: all-gathered shard sizes (and a check that every rank holds
+    the same targets), or the explicit ``vocab_offset`` / ``vocab_size`` (no collective)."""
+    world = dist.get_world_size(group)
+    if vocab_offset is None and vocab_size is None:
+        rank = dist.get_rank(group)
+        info = torch.stack([torch.tensor(v_local, device=device), torch.tensor(flat_target.numel(), device=device),
+                            _checksum(flat_target).to(device)]).long()
+        gathered = [torch.empty_like(info) for _ in range(world)]
+        dist.all_gather(gathered, info, group=group)
+        rows = torch.stack(gathered).tolist()
+        if any(row[1:] != rows[0][1:] for row in rows):
+            raise ValueError(
+                "process_group: the ranks of the vocabulary-parallel group hold different targets; every rank of "
+                "the group must see the same tokens (its own vocabulary shard of them). A weight sharded by FSDP "
+                "(fully_shard) read outside the module's forward is a DTensor sharded over the data-parallel "
+                "ranks, not a vocabulary shard: compute the loss inside the forward, or with "
+                "ranktuner_kernels.distributed.head_cross_entropy (docs/distributed.md)")
+        sizes = [row[0] for row in rows]
+        return VocabShard(group, sum(sizes[:rank]), v_local, sum(sizes), world)
+    if vocab_offset is None or vocab_size is None:
+        raise ValueError("vocab_offset / vocab_size: give both (the shard's first column and the whole "
+                         "vocabulary's size), or neither (then they are all-gathered from the group)")
+    for name, v in (("vocab_offset", vocab_offset), ("vocab_size", vocab_size)):
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise ValueError(f"{name}: expected an int >= 0, got {v!r}")
+    if vocab_offset + v_local > vocab_size:
+        raise ValueError(f"vocab_offset: the shard [{vocab_offset}, {vocab_offset + v_local}) does not fit in "
+                         f"vocab_size={vocab_size}")
+    return VocabShard(group, vocab_offset, v_local, vocab_size, world)
+
+
+def local_target(flat_target: torch.Tensor, shard: VocabShard, ignore_index: int) -> torch.Tensor:
+    """Shard-local target indices: ``y - offset`` where this shard owns ``y``; a negative sentinel
+    (never ``ignore_index``) where another shard does, so the row is kept but no column is the
+    target's; ``ignore_index`` stays."""
+    keep = flat_target != ignore_index
+    loc = flat_target - shard.offset
+    owned = keep & (loc >= 0) & (loc < shard.v_local)
+    sentinel = -1 if ignore_index != -1 else -2
+    return torch.where(owned, loc, torch.where(keep, sentinel, flat_target)).contiguous()
+
+
+def _all_reduce(t: torch.Tensor, op, group) -> torch.Tensor:
+    dist.all_reduce(t, op=op, group=group)
+    return t
+
+
+def row_stats(backend, logits: torch.Tensor, target: torch.Tensor, params) -> RowStats:
+    """The merged ``RowStats`` of ``[B, T, V_r]`` shard logits (``target``: shard-local,
+    :func:`local_target`), identical on every rank of the group."""
+    shard = params.shard
+    group = shard.group
+    dt = compute_dtype(logits.dtype)
+    b_size, t_size, v_size = logits.shape
+    n = target.numel()
+    keep = target != params.ignore_index
+    owned = keep & (target >= 0) & (target < v_size)
+    rows = torch.arange(n, device=logits.device)
+    zy = logits[rows // max(t_size, 1), rows % max(t_size, 1), torch.where(owned, target, 0)].to(dt)
+    zy = _all_reduce(torch.where(owned, zy, float("-inf")), dist.ReduceOp.MAX, group)
+    m, u, a, r, zsum = backend.partial_row_stats(logits, target, zy, params)
+    m = m.to(dt)
+    big_m = _all_reduce(m.clone(), dist.ReduceOp.MAX, group)
+    m_ref = torch.where(big_m == float("-inf"), 0.0, big_m)
+    scale = torch.exp(m - m_ref)  # 0 for a shard of -inf logits only
+    shift = torch.where(m == float("-inf"), 0.0, m - m_ref)
+    parts = [u.to(dt) * scale, (a.to(dt) + shift * u.to(dt)) * scale, r.to(dt)]
+    if zsum is not None:
+        parts.append(zsum.to(dt))
+    packet = _all_reduce(torch.stack(parts, 1), dist.ReduceOp.SUM, group)
+    return reference.finish_row_stats(big_m, packet[:, 0], packet[:, 1], packet[:, 2],
+                                      packet[:, 3] if zsum is not None else None, zy, keep, params.transform,
+                                      shard.v_global)
+
+
+def topk_entropy(logits, target, k, params):
+    """EAFT's top-K entropy over the whole vocabulary: each shard's ``min(k, V)`` largest
+    ``z'`` all-gathered (``k * 4`` bytes per token and rank), then the top ``k`` of them."""
+    shard = params.shard
+    k_all = min(k, shard.v_global)
+    top = reference.top_values(logits, target, k_all, params.ignore_index, params.transform)
+    if top.shape[1] < k_all:
+        top = torch.cat([top, top.new_full((top.shape[0], k_all - top.shape[1]), float("-inf"))], 1)
+    gathered = [torch.empty_like(top) for _ in range(shard.world)]
+    dist.all_gather(gathered, top.contiguous(), group=shard.group)
+    merged = torch.cat(gathered, 1).topk(k_all, dim=1, sorted=False).values
+    keep = target != params.ignore_index
+    return torch.where(keep, reference.entropy_of_values(merged), 0)
+
+
+def all_reduce_input_grad(dh: Optional[torch.Tensor], params, like: torch.Tensor, fresh: bool):
+    """The fused path's input gradient: summed over the vocabulary group where asked (in the
+    float32 it was accumulated in for 16-bit inputs), then in ``like``'s dtype. ``fresh``:
+    ``dh`` may be reduced in place (else it is a saved tensor and is copied first)."""
+    if dh is None:
+        return None
+    if params.shard is not None and params.reduce_input_grad:
+        dh = dh if fresh else dh.clone()
+        dist.all_reduce(dh, op=dist.ReduceOp.SUM, group=params.shard.group)
+    return dh.to(like.dtype)
+
+
+# -- data parallel ---------------------------------------------------------------------------
+
+
+def normaliser(reduction, keep, num_items_in_batch, dtype, weight_per_token, group):
+    """The divisor of ``"mean"`` on one rank of a data-parallel ``group``: the group's number of
+    kept tokens (or ``num_items_in_batch``, taken as that global count), over the group's size.
+    The mean of the ranks' losses, and the average of their gradients, is then the
+    single-process mean."""
+    if reduction != "mean":
+        return None
+    if num_items_in_batch is None:
+        local = keep.sum().to(dtype) if weight_per_token is None else weight_per_token.sum().to(dtype)
+        num_items_in_batch = _all_reduce(local.reshape(1), dist.ReduceOp.SUM, group)
+    n = _inputs.normaliser(reduction, keep, num_items_in_batch, dtype)
+    return n / dist.get_world_size(group)
+
+
+@dataclass(frozen=True)
+class _GroupTALR(TALR):
+    """TALR with ``tau`` the median over the data-parallel group's sequences (a tensor)."""
+
+    group_tau: Optional[torch.Tensor] = None
+
+    def validate(self):
+        pass
+
+    def temperature(self, stats, batch):
+        return self.group_tau
+
+
+def group_weighting(weighting, stats: RowStats, keep, params):
+    """``weighting`` with its batch-level statistic taken over ``params.dp_group`` (TALR's median)."""
+    if not isinstance(weighting, TALR) or weighting.tau is not None:
+        return weighting
+    shape = params.shape
+    if len(shape) != 2:
+        raise ValueError("TALR needs [B, T] targets (per-sequence mean NLL) or an explicit tau=")
+    group = params.dp_group
+    nll = torch.where(keep, -stats.logp_t, 0).reshape(shape)
+    count = keep.reshape(shape).sum(1)
+    seq = torch.stack([nll.sum(1) / count.clamp_min(1), (count > 0).to(nll.dtype)], 1)
+    sizes = [torch.empty(1, dtype=torch.int64, device=seq.device) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(sizes, torch.tensor([shape[0]], device=seq.device), group=group)
+    b_max = max(int(s) for s in torch.cat(sizes).tolist())
+    padded = torch.cat([seq, seq.new_zeros(b_max - shape[0], 2)])
+    gathered = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(gathered, padded, group=group)
+    every = torch.cat(gathered)
+    seq_mean = every[:, 0][every[:, 1] > 0]
+    if seq_mean.numel() == 0:
+        tau = torch.ones((), dtype=nll.dtype, device=nll.device)
+    else:
+        tau = torch.quantile(seq_mean, 0.5)
+    return _GroupTALR(w_min=weighting.w_min, group_tau=tau)
+
+
+# -- DTensor ---------------------------------------------------------------------------------
+
+
+def _dtensor_type():
+    """torch's DTensor class, or None when ``torch.distributed.tensor`` was never imported (then
+    no DTensor exists, and the fast path imports nothing)."""
+    if "torch.distributed.tensor" not in sys.modules:
+        return None
+    from torch.distributed.tensor import DTensor
+
+    return DTensor
+
+
+def is_dtensor(t) -> bool:
+    cls = _dtensor_type()
+    return cls is not None and isinstance(t, cls)
+
+
+def replicated(t, name: str):
+    """A DTensor argument as a plain tensor holding the whole value (differentiable)."""
+    if not is_dtensor(t):
+        return t
+    if any(p.is_partial() for p in t.placements):
+        raise ValueError(f"{name}: a DTensor with a Partial placement {t.placements}; reduce it first")
+    return t.full_tensor()
+
+
+def vocab_local(t, dim: int, name: str, process_group):
+    """``(local tensor, group)`` of a DTensor sharded along the vocabulary dimension ``dim`` over
+    one mesh dimension (ColwiseParallel on the head: the weight ``Shard(0)``, the logits
+    ``Shard(-1)``), other mesh dimensions replicated; ``(t, process_group)`` for a plain tensor."""
+    if not is_dtensor(t):
+        return t, process_group
+    placements, mesh = t.placements, t.device_mesh
+    dim = dim % t.dim()
+    sharded = [i for i, p in enumerate(placements) if not p.is_replicate()]
+    if not sharded:
+        return t.to_local(), process_group
+    if process_group is not None:
+        raise ValueError(f"{name}: a vocabulary-sharded DTensor names its own group; do not also pass process_group")
+    p = placements[sharded[0]]
+    if len(sharded) > 1 or type(p).__name__ != "Shard" or p.dim % t.dim() != dim:
+        raise ValueError(
+            f"{name}: a DTensor with placements {placements} on mesh {mesh}: expected the vocabulary dimension "
+            f"(dim {dim}) sharded over one mesh dimension and the others replicated (ColwiseParallel on the LM "
+            f"head). A parameter sharded by FSDP (fully_shard) must be unsharded before the loss reads it: "
+            f"compute the loss inside the module's forward, or with "
+            f"ranktuner_kernels.distributed.head_cross_entropy (docs/distributed.md)")
+    return t.to_local(), mesh.get_group(sharded[0])
+
+
+# -- FSDP2 -----------------------------------------------------------------------------------
+
+
+def _is_fsdp_module(module) -> bool:
+    if "torch.distributed.fsdp" not in sys.modules:
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
+_HEAD_METHOD = "_ranktuner_head_cross_entropy"
+
+
+def head_method(head):
+    """``head``'s fused-loss method: a plain function of the head's parameters, registered as
+    one of its FSDP2 forward methods where ``head`` is ``fully_shard``-ed (so FSDP all-gathers
+    the weight before it, reshards after it and reduce-scatters the weight's gradient)."""
+    from .linear_loss import linear_cross_entropy
+
+    if not _is_fsdp_module(head):
+        return lambda input, target, **kw: linear_cross_entropy(input, head.weight, target,
+                                                                linear_bias=getattr(head, "bias", None), **kw)
+    if _HEAD_METHOD not in head.__dict__:
+        from torch.distributed.fsdp import register_fsdp_forward_method
+
+        def method(self, input, target, **kw):
+            return linear_cross_entropy(input, self.weight, target, linear_bias=getattr(self, "bias", None), **kw)
+
+        object.__setattr__(head, _HEAD_METHOD, types.MethodType(method, head))
+        register_fsdp_forward_method(head, _HEAD_METHOD)
+    return getattr(head, _HEAD_METHOD)

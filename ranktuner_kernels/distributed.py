@@ -1,0 +1,55 @@
+"""Helpers for training with the losses on ``torch.distributed`` (``docs/distributed.md``).
+
+The losses themselves take the groups: ``rk.cross_entropy(..., process_group=tp_group)`` on a
+vocabulary shard of the logits, ``rk.linear_cross_entropy(..., process_group=tp_group)`` on a
+shard of the LM head (or a ``ColwiseParallel`` DTensor head, which names its group), and
+``dp_group=`` on either for the data-parallel mean. This module adds:
+
+* :func:`head_cross_entropy`: the fused loss of an LM head module, correct when the head is
+  ``fully_shard``-ed on its own (FSDP2) or ``ColwiseParallel`` (DTensor);
+* :func:`global_num_items`: the kept-token count over a group, for the
+  ``num_items_in_batch`` pattern (gradient accumulation across data-parallel ranks).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from . import _distributed, _inputs
+
+__all__ = ["head_cross_entropy", "global_num_items"]
+
+
+def head_cross_entropy(head: torch.nn.Module, input: torch.Tensor, target: torch.Tensor, **kwargs):
+    """``rk.linear_cross_entropy(input, head.weight, target, linear_bias=head.bias, **kwargs)``,
+    run so that the head's parameters are whole when the loss reads them.
+
+    * ``head`` ``fully_shard``-ed as its own FSDP2 unit: outside ``head.forward`` its weight
+      is a DTensor sharded over the data-parallel ranks. The loss runs as one of the head's
+      FSDP forward methods (``register_fsdp_forward_method``, once per module): FSDP
+      all-gathers the weight before it, reshards after it, all-gathers again for backward and
+      reduce-scatters the weight's gradient, as for the head's own forward.
+    * ``head`` parallelized with ``ColwiseParallel``: its weight is a vocabulary-sharded
+      DTensor; the loss runs vocabulary-parallel over the head's mesh group.
+    * otherwise: the plain call.
+
+    ``kwargs``: any keyword argument of ``rk.linear_cross_entropy`` (``weighting=``,
+    ``dp_group=``, ``num_items_in_batch=``, ...).
+    """
+    return _distributed.head_method(head)(input, target, **kwargs)
+
+
+def global_num_items(target: torch.Tensor, ignore_index: int = -100, group=None) -> torch.Tensor:
+    """The number of targets that are not ``ignore_index``, summed over ``group`` (default: the
+    world), as a float32 tensor on ``target``'s device (one all-reduce).
+
+    The ``num_items_in_batch`` pattern for data parallelism (what ``dp_group=`` does for you):
+    sum this over the micro-batches of one optimizer step, pass it as ``num_items_in_batch``
+    and multiply the loss by the group's size, since DDP and FSDP average the gradients over
+    the ranks: ``loss = rk.cross_entropy(..., num_items_in_batch=n) * world_size``.
+    """
+    ignore_index = _inputs.check_ignore_index(ignore_index)
+    n = (target != ignore_index).sum().to(torch.float32).reshape(1)
+    dist.all_reduce(n, op=dist.ReduceOp.SUM, group=group)
+    return n.reshape(())

@@ -1,0 +1,400 @@
+"""The cases of ``test_distributed.py``, run inside spawned gloo process groups on 127.0.0.1.
+
+One spawn per suite: every rank runs every case of its suite in order (the collectives of a
+case pair up across ranks), records a failure instead of raising where it can, and writes
+its report to ``<out>/rank<r>.json``. Each case compares the sharded (or data-parallel) loss,
+statistics and gradients with the single-process call on the whole batch: the rank exactly,
+the statistics within float32 round-off, loss and gradients by their error against the
+float64 reference of the same inputs, relative to the error the single-process call makes in
+that dtype (``tests/test_kernels.py``'s measure).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import socket
+import time
+import traceback
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import ranktuner_kernels as rk
+from helpers import make_batch, rel_err, upstream_like
+
+V = 37
+SIZES = {2: [21, 16], 4: [13, 5, 11, 8]}  # uneven; 16 and 5 are below EAFT's k = 20
+NAMES = sorted(rk.weightings.WEIGHTINGS)
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(suite: str, world: int, out_dir: str) -> list:
+    """Spawn ``world`` ranks running ``suite``; returns the ranks' reports."""
+    port = free_port()
+    mp.start_processes(_entry, args=(suite, world, port, out_dir), nprocs=world, start_method="spawn", join=True)
+    reports = []
+    for r in range(world):
+        with open(os.path.join(out_dir, f"rank{r}.json")) as f:
+            reports.append(json.load(f))
+    return reports
+
+
+def _entry(rank, suite, world, port, out_dir):
+    # CPU tensors over gloo: the kernels run under the interpreter, on a GPU machine too (set
+    # before the first loss imports the kernels; importing the package does not)
+    os.environ["TRITON_INTERPRET"] = "1"
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=120))
+    report = {"rank": rank, "cases": 0, "failures": [], "seconds": 0.0, "slowest": []}
+    t0 = time.perf_counter()
+    times = []
+    try:
+        for name, fn in SUITES[suite](world):
+            t = time.perf_counter()
+            try:
+                fn()
+            except AssertionError as e:  # a mismatch: the collectives still pair up
+                report["failures"].append(f"{name}: {e}\n{traceback.format_exc(limit=3)}")
+            times.append((time.perf_counter() - t, name))
+            report["cases"] += 1
+    except Exception:  # anything else: record it, then let the group tear down
+        report["failures"].append(f"crashed: {traceback.format_exc()}")
+    report["seconds"] = time.perf_counter() - t0
+    report["slowest"] = [f"{n}: {s:.2f}s" for s, n in sorted(times, reverse=True)[:5]]
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(report, f)
+    dist.destroy_process_group()
+
+
+# -- comparisons -----------------------------------------------------------------------------
+
+
+def shard_range(world):
+    sizes = SIZES[world]
+    r = dist.get_rank()
+    off = sum(sizes[:r])
+    return off, off + sizes[r]
+
+
+def close_errors(name, got, single, exact, tol=2e-5):
+    """``got`` (sharded) errs against ``exact`` at most twice as much as ``single`` does (+ tol)."""
+    e_got, e_single = rel_err(got, exact), rel_err(single, exact)
+    assert e_got <= 2 * e_single + tol, f"{name}: error {e_got:.3g} vs single-process {e_single:.3g}"
+
+
+def compare_stats(got, single, exact):
+    """``exact``: the float64 reference on the same logits (for the fused path, whose logits are
+    rounded to the input dtype by the GEMM, the single-process call's stats)."""
+    assert torch.equal(got["rank"], single["rank"]), f"rank {got['rank'].tolist()} vs {single['rank'].tolist()}"
+    assert torch.equal(got["accuracy"], single["accuracy"])
+    for key in ("lse", "logp_t", "entropy", "p_max"):
+        torch.testing.assert_close(got[key].double(), exact[key].double(), rtol=2e-5, atol=2e-5, equal_nan=True,
+                                   msg=lambda m: f"{key}: {m}")
+    torch.testing.assert_close(got["weight"].double(), exact["weight"].double(), rtol=1e-4, atol=1e-6,
+                               msg=lambda m: f"weight: {m}")
+
+
+def options(extra):
+    g = torch.Generator().manual_seed(5)
+    kw = dict(extra)
+    if kw.pop("weights", False):
+        kw["token_weight"] = torch.rand(2, 3, generator=g)
+        kw["sequence_weight"] = torch.rand(2, generator=g) + 0.5
+    if kw.pop("class_weight", False):
+        kw["weight"] = torch.rand(V, generator=g) + 0.5
+    return kw
+
+
+def check_logits(cfg, impl, dtype, reduction, world, seed=0, **extra):
+    logits, target = make_batch(2, 3, V, dtype, "cpu", seed=seed)
+    target[1, 2] = -100
+    lo, hi = shard_range(world)
+    kw = dict(weighting=cfg, reduction=reduction, return_stats=True, **options(extra))
+    local_kw = {k: kw.pop(k) for k in ("vocab_offset", "vocab_size", "inplace_backward") if k in kw}
+
+    def run(x, impl_, **more):
+        loss, stats = rk.cross_entropy(x, target, impl=impl_, **kw, **more)
+        (loss * upstream_like(loss).to(loss.dtype)).sum().backward()
+        return loss.detach(), stats
+
+    x = logits[..., lo:hi].clone().requires_grad_()
+    loss, stats = run(x, impl, process_group=dist.group.WORLD, **local_kw)
+    grad = x.grad
+    full = logits.clone().requires_grad_()
+    loss1, stats1 = run(full, impl)
+    exact = logits.double().requires_grad_()
+    loss64, stats64 = run(exact, "reference")
+    assert grad.dtype == dtype and grad.shape == x.shape
+    compare_stats(stats, stats1, stats64)
+    close_errors("loss", loss, loss1, loss64)
+    close_errors("grad", grad, full.grad[..., lo:hi], exact.grad[..., lo:hi])
+
+
+def check_linear(cfg, impl, dtype, reduction, world, seed=0, bias=False, **extra):
+    g = torch.Generator().manual_seed(seed + 3)
+    d = 8
+    h = torch.randn(2, 3, d, generator=g, dtype=torch.float64)
+    w = torch.randn(V, d, generator=g, dtype=torch.float64) * 1.5
+    b = torch.randn(V, generator=g, dtype=torch.float64) if bias else None
+    target = torch.randint(0, V, (2, 3), generator=g)
+    target[0, 1] = -100
+    lo, hi = shard_range(world)
+    kw = dict(weighting=cfg, reduction=reduction, return_stats=True, **options(extra))
+    local_kw = {k: kw.pop(k) for k in ("vocab_offset", "vocab_size", "reduce_input_grad", "chunk_size") if k in kw}
+
+    def run(h_, w_, b_, impl_, **more):
+        loss, stats = rk.linear_cross_entropy(h_, w_, target, linear_bias=b_, impl=impl_, **kw, **more)
+        (loss * upstream_like(loss).to(loss.dtype)).sum().backward()
+        return loss.detach(), stats
+
+    def leaves(dt, sl=slice(None)):
+        return [None if t is None else t[sl].to(dt).clone().requires_grad_() for t in (h, w, b)]
+
+    shard = [leaves(dtype)[0], *leaves(dtype, slice(lo, hi))[1:]]
+    loss, stats = run(*shard, impl, process_group=dist.group.WORLD, **local_kw)
+    single = leaves(dtype)
+    loss1, stats1 = run(*single, impl)
+    exact = leaves(torch.float64)
+    loss64, stats64 = run(*exact, "reference")
+    compare_stats(stats, stats1, stats1 if dtype != torch.float32 else stats64)
+    close_errors("loss", loss, loss1, loss64)
+    dh = shard[0].grad
+    if local_kw.get("reduce_input_grad") is False:
+        dist.all_reduce(dh)
+    close_errors("dh", dh, single[0].grad, exact[0].grad)
+    close_errors("dW", shard[1].grad, single[1].grad[lo:hi], exact[1].grad[lo:hi])
+    if bias:
+        close_errors("db", shard[2].grad, single[2].grad[lo:hi], exact[2].grad[lo:hi])
+
+
+# -- suites ----------------------------------------------------------------------------------
+
+
+def objective_cases(world, names=NAMES, impls=("reference", "triton")):
+    """Every objective x both paths x both implementations; each (objective, path) and each
+    (objective, implementation) in float32 and bfloat16; the reductions in turn."""
+    i = 0
+    for name in names:
+        for p, path in enumerate(("logits", "linear")):
+            for j, impl in enumerate(impls):
+                dtype = (torch.float32, torch.bfloat16)[(p + j) % 2]
+                reduction = REDUCTIONS[i % 3]
+                i += 1
+                fn = check_logits if path == "logits" else check_linear
+                yield (f"{name}-{path}-{impl}-{str(dtype)[6:]}-{reduction}",
+                       lambda fn=fn, name=name, impl=impl, dtype=dtype, reduction=reduction, seed=i:
+                       fn(name, impl, dtype, reduction, world, seed=seed))
+
+
+def option_cases(world):
+    lo, _ = shard_range(world)
+    opts = [
+        ("smoothing-zloss-cap-temp", dict(label_smoothing=0.1, z_loss=1e-3, softcap=6.0, temperature=0.7)),
+        ("caller-weights-num-items", dict(weights=True, num_items_in_batch=9)),
+        ("class-weight", dict(class_weight=True)),
+        ("explicit-offset", dict(vocab_offset=lo, vocab_size=V)),
+    ]
+    for impl in ("reference", "triton"):
+        for tag, extra in opts:
+            cfg = rk.RankTuner(xi="geo") if "weights" in tag else "ranktuner"
+            yield (f"logits-{tag}-{impl}", lambda e=extra, impl=impl, c=cfg:
+                   check_logits(c, impl, torch.float32, "mean", world, **e))
+            yield (f"linear-{tag}-{impl}", lambda e=extra, impl=impl, c=cfg:
+                   check_linear(c, impl, torch.float32, "mean", world, bias=True, **e))
+    yield ("logits-inplace-backward", lambda: check_logits("entropy_reg", "triton", torch.bfloat16, "sum", world,
+                                                           inplace_backward=True))
+    yield ("linear-reduce_input_grad=False", lambda: check_linear("ranktuner", "triton", torch.bfloat16, "mean", world,
+                                                                  reduce_input_grad=False))
+    yield ("linear-chunks-talr", lambda: check_linear("talr", "triton", torch.float32, "mean", world, chunk_size=2))
+    yield ("linear-chunks-eaft-none", lambda: check_linear("eaft", "reference", torch.float32, "none", world,
+                                                           chunk_size=4))
+    yield ("token_stats", lambda: check_token_stats(world))
+    yield ("different-targets-raise", lambda: check_different_targets_raise(world))
+
+
+def check_token_stats(world):
+    logits, target = make_batch(2, 3, V, torch.float32, "cpu", seed=4)
+    lo, hi = shard_range(world)
+    got = rk.token_stats(logits[..., lo:hi], target, process_group=dist.group.WORLD)
+    want = rk.token_stats(logits, target)
+    assert torch.equal(got["rank"], want["rank"])
+    for key in ("lse", "logp_t", "entropy", "p_max"):
+        torch.testing.assert_close(got[key], want[key], rtol=2e-5, atol=2e-5, equal_nan=True)
+
+
+def check_different_targets_raise(world):
+    logits, target = make_batch(2, 3, V, torch.float32, "cpu", seed=4)
+    lo, hi = shard_range(world)
+    target = (target + dist.get_rank()) % V  # not the same tokens on every rank
+    try:
+        rk.cross_entropy(logits[..., lo:hi], target, process_group=dist.group.WORLD)
+    except ValueError as e:
+        assert "different targets" in str(e), str(e)
+    else:
+        raise AssertionError("no error for ranks holding different targets")
+
+
+def tp_suite(world):
+    yield from objective_cases(world)
+    yield from option_cases(world)
+    yield from parallel_cases(world)
+
+
+def tp4_suite(world):
+    yield from objective_cases(world)
+    yield ("logits-options", lambda: check_logits("ranktuner", "triton", torch.float32, "none", world,
+                                                  label_smoothing=0.1, softcap=6.0, temperature=0.7))
+    yield ("linear-options", lambda: check_linear("focal", "triton", torch.bfloat16, "mean", world, bias=True,
+                                                  label_smoothing=0.1, z_loss=1e-3))
+    yield ("dtensor-colwise", lambda: check_dtensor_head(world))
+    yield ("ddp-uneven", lambda: check_data_parallel(world, "ddp", "ranktuner", "linear"))
+
+
+# -- DDP, FSDP2, DTensor ---------------------------------------------------------------------
+
+
+class Net(torch.nn.Module):
+    """A projection and an LM head; ``forward`` returns the loss (as DDP and FSDP want it)."""
+
+    def __init__(self, d_in=6, d=8, v=V, seed=0, bias=False):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.proj = torch.nn.Linear(d_in, d)
+        self.head = torch.nn.Linear(d, v, bias=bias)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g))
+        self.mode = "linear"
+        self.kw = {}
+
+    def forward(self, x, y):
+        h = torch.tanh(self.proj(x))
+        if self.mode == "linear":
+            return rk.linear_cross_entropy(h, self.head.weight, y, linear_bias=self.head.bias, **self.kw)
+        if self.mode == "head":  # the head's own fused-loss method (FSDP2 unshards it)
+            from ranktuner_kernels.distributed import head_cross_entropy
+
+            return head_cross_entropy(self.head, h, y, **self.kw)
+        return rk.cross_entropy(self.head(h), y, **self.kw)
+
+
+def dp_batches(world, seed=0):
+    """Per-rank ``[B_r, 4]`` batches of different sizes and ignored counts, and their concatenation."""
+    g = torch.Generator().manual_seed(seed)
+    xs, ys = [], []
+    for r in range(world):
+        b = r + 1
+        x = torch.randn(b, 4, 6, generator=g)
+        y = torch.randint(0, V, (b, 4), generator=g)
+        y[0, : r + 1] = -100  # uneven kept counts too
+        xs.append(x)
+        ys.append(y)
+    return xs, ys
+
+
+def reference_grads(weighting, mode, xs, ys, bias=False):
+    net = Net(bias=bias)
+    net.mode, net.kw = mode if mode != "head" else "linear", dict(weighting=weighting)
+    loss = net(torch.cat(xs), torch.cat(ys))
+    loss.backward()
+    return loss.detach(), {k: p.grad for k, p in net.named_parameters()}
+
+
+def check_data_parallel(world, wrapper, weighting, mode, count="dp_group"):
+    """``count``: how the global mean is asked for: ``dp_group``; ``dp_group`` with the global
+    ``num_items_in_batch``; or the ``num_items_in_batch`` pattern (``global_num_items``, the
+    loss times the world size)."""
+    from ranktuner_kernels.distributed import global_num_items
+
+    rank = dist.get_rank()
+    xs, ys = dp_batches(world, seed=len(weighting))
+    loss_ref, grads_ref = reference_grads(weighting, mode, xs, ys)
+    net = Net()
+    net.mode, net.kw = mode, dict(weighting=weighting, dp_group=dist.group.WORLD)
+    if count != "dp_group":
+        net.kw["num_items_in_batch"] = global_num_items(ys[rank])
+    if count == "num_items":
+        del net.kw["dp_group"]
+    if wrapper == "ddp":
+        model = torch.nn.parallel.DistributedDataParallel(net)
+    else:
+        from torch.distributed.fsdp import fully_shard
+
+        if mode == "head":
+            fully_shard(net.head)  # its own unit: sharded outside its forward
+        fully_shard(net)
+        model = net
+    loss = model(xs[rank], ys[rank])
+    if count == "num_items":
+        loss = loss * world
+    loss.backward()
+    mean_loss = loss.detach().clone()
+    dist.all_reduce(mean_loss)
+    torch.testing.assert_close(mean_loss / world, loss_ref, rtol=1e-5, atol=1e-6)
+    for k, p in net.named_parameters():
+        grad = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+        torch.testing.assert_close(grad, grads_ref[k], rtol=1e-4, atol=1e-6, msg=lambda m: f"{k}: {m}")
+
+
+def check_fsdp_sharded_weight_raises(world):
+    from torch.distributed.fsdp import fully_shard
+
+    rank = dist.get_rank()
+    xs, ys = dp_batches(world)
+    net = Net()
+    net.kw = dict(dp_group=dist.group.WORLD)
+    fully_shard(net.head)
+    fully_shard(net)
+    try:
+        net(xs[rank], ys[rank])  # reads head.weight outside the head's forward: a sharded DTensor
+    except ValueError as e:
+        assert "fully_shard" in str(e), str(e)
+    else:
+        raise AssertionError("no error for an FSDP-sharded weight read outside its forward")
+
+
+def check_dtensor_head(world, mode="linear"):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    xs, ys = dp_batches(1, seed=7)
+    x, y = xs[0].repeat(2, 1, 1), ys[0].repeat(2, 1)  # the same tokens on every rank
+    y[1, 3] = 5
+    loss_ref, grads_ref = reference_grads("ranktuner", mode, [x], [y], bias=True)
+    net = Net(bias=True)
+    mesh = init_device_mesh("cpu", (world,))
+    parallelize_module(net, mesh, {"head": ColwiseParallel(use_local_output=mode == "linear")})
+    net.mode, net.kw = mode, dict(weighting="ranktuner")
+    loss = net(x, y)
+    loss.backward()
+    torch.testing.assert_close(loss.detach(), loss_ref, rtol=1e-5, atol=1e-6)
+    for k, p in net.named_parameters():
+        grad = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+        torch.testing.assert_close(grad, grads_ref[k], rtol=1e-4, atol=1e-6, msg=lambda m: f"{k}: {m}")
+
+
+def parallel_cases(world):
+    for weighting in ("sft", "talr", "ranktuner"):
+        for mode in ("linear", "logits"):
+            yield (f"ddp-{weighting}-{mode}", lambda w=weighting, m=mode: check_data_parallel(world, "ddp", w, m))
+    yield ("ddp-dp_group-and-num_items", lambda: check_data_parallel(world, "ddp", "ranktuner", "linear",
+                                                                     "both"))
+    yield ("ddp-num_items-pattern", lambda: check_data_parallel(world, "ddp", "dft", "logits", "num_items"))
+    yield ("fsdp2-root-unit-linear", lambda: check_data_parallel(world, "fsdp", "talr", "linear"))
+    yield ("fsdp2-head-unit-head_cross_entropy", lambda: check_data_parallel(world, "fsdp", "ranktuner", "head"))
+    yield ("fsdp2-sharded-weight-raises", lambda: check_fsdp_sharded_weight_raises(world))
+    yield ("dtensor-colwise-linear", lambda: check_dtensor_head(world, "linear"))
+    yield ("dtensor-colwise-logits", lambda: check_dtensor_head(world, "logits"))
+
+
+SUITES = {"tp2": tp_suite, "tp4": tp4_suite}

@@ -1,0 +1,107 @@
+"""Vocabulary-parallel and data-parallel losses on torch.distributed (``docs/distributed.md``).
+
+The slow tests spawn gloo process groups on 127.0.0.1 (2 and 4 CPU processes; the kernels
+under the Triton interpreter) and run many cases inside one spawn (``distributed_cases.py``):
+every objective on both paths and both implementations, float32 and bfloat16, uneven
+shards, ignored tokens, every reduction, the options, DDP with uneven token counts, FSDP2
+and ColwiseParallel DTensor heads. The fast tests check the shard's partial pass (kernel
+against reference) and the argument checks without a process group.
+"""
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import ranktuner_kernels as rk
+from ranktuner_kernels import reference
+from ranktuner_kernels.reference import Transform
+from helpers import make_batch
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="needs torch.distributed with gloo")
+
+
+def _run_suite(suite, world, tmp_path):
+    import distributed_cases
+
+    reports = distributed_cases.launch(suite, world, str(tmp_path))
+    failures = [f"rank {r['rank']}: {f}" for r in reports for f in r["failures"]]
+    assert all(r["cases"] == reports[0]["cases"] and r["cases"] > 0 for r in reports), reports
+    assert not failures, "\n".join(failures)
+    print(f"{suite}: {reports[0]['cases']} cases, {max(r['seconds'] for r in reports):.1f}s; slowest: "
+          f"{reports[0]['slowest']}")
+
+
+@pytest.mark.slow
+def test_two_ranks(tmp_path):
+    """Every objective x paths x implementations, options, DDP, FSDP2, DTensor: 2 gloo ranks."""
+    _run_suite("tp2", 2, tmp_path)
+
+
+@pytest.mark.slow
+def test_four_ranks(tmp_path):
+    """Four uneven shards (one of 5 columns, below EAFT's k), DTensor and DDP: 4 gloo ranks."""
+    _run_suite("tp4", 4, tmp_path)
+
+
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("tr", [Transform(), Transform(6.0, 0.7)], ids=["plain", "cap-temp"])
+def test_partial_pass_matches_reference(impl, dtype, tr):
+    """A shard's accumulators: the kernel's against the float64 reference's; a shard that owns
+    some targets and not others, an ignored row, a row of -inf logits on the shard."""
+    logits, target = make_batch(2, 3, 41, dtype, "cpu", seed=3)
+    lo, hi = 10, 29
+    shard = logits[..., lo:hi].clone()
+    shard[1, 0] = float("-inf")
+    flat = target.reshape(-1)
+    keep = flat != -100
+    owned = keep & (flat >= lo) & (flat < hi)
+    local = torch.where(owned, flat - lo, torch.where(keep, -1, flat))
+    zy = logits.reshape(-1, 41).float()[torch.arange(6), flat.clamp_min(0)]
+    want = reference.partial_row_stats(shard.double(), local, zy.double(), -100, tr, with_mean=True)
+    params = rk._params.LossParams(rk.SFT(), rk._dispatch.get_backend(impl, shard), (2, 3), -100, transform=tr,
+                                   label_smoothing=0.1)
+    got = params.backend.partial_row_stats(shard, local, zy, params)
+    assert owned.any() and (keep & ~owned).any()
+    m, u, a, r, zsum = got
+    assert torch.equal(r.long(), want[3].long())
+    if tr.softcap is None:  # under the cap, -inf is -c (SPEC)
+        assert m[3] == float("-inf") and u[3] == 0 and a[3] == 0
+    for x, y in zip((m, u, a, zsum), (want[0], want[1], want[2], want[4])):
+        torch.testing.assert_close(x.double(), y, rtol=2e-5, atol=2e-5)
+
+
+def test_finish_of_a_whole_row_is_row_stats():
+    """``finish_row_stats`` of one shard holding the whole vocabulary is ``row_stats``."""
+    logits, target = make_batch(2, 3, 50, torch.float32, "cpu", seed=2)
+    flat = target.reshape(-1)
+    keep = flat != -100
+    zy = logits.reshape(-1, 50)[torch.arange(6), flat.clamp_min(0)]
+    tr = Transform(5.0, 1.3)
+    m, u, a, r, zsum = reference.partial_row_stats(logits, flat, zy, -100, tr, with_mean=True)
+    got = reference.finish_row_stats(m, u, a, r, zsum, zy, keep, tr, 50)
+    want = reference.row_stats(logits, flat, -100, tr, with_mean=True)
+    assert torch.equal(got.rank, want.rank)
+    for x, y in zip(got, want):
+        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6)
+
+
+def test_vocab_arguments_need_a_group():
+    logits, target = make_batch(1, 3, 10, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="process_group"):
+        rk.cross_entropy(logits, target, vocab_offset=0, vocab_size=10)
+    with pytest.raises(ValueError, match="process_group"):
+        rk.linear_cross_entropy(torch.randn(1, 3, 4), torch.randn(10, 4), target, vocab_size=10)
+
+
+def test_head_cross_entropy_of_a_plain_head():
+    """Without FSDP or DTensor, ``head_cross_entropy`` is the plain call on the head's parameters."""
+    from ranktuner_kernels.distributed import head_cross_entropy
+
+    head = torch.nn.Linear(4, 11)
+    h = torch.randn(2, 3, 4)
+    y = torch.randint(0, 11, (2, 3))
+    got = head_cross_entropy(head, h, y, weighting="ranktuner")
+    want = rk.linear_cross_entropy(h, head.weight, y, linear_bias=head.bias, weighting="ranktuner")
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
