@@ -59,16 +59,20 @@ def test_function_defaults():
     assert ce == dict(weight=None, size_average=None, ignore_index=-100, reduce=None, reduction="mean",
                       label_smoothing=0.0, weighting="sft", softcap=None, temperature=1.0, z_loss=0.0,
                       num_items_in_batch=None, token_weight=None, sequence_weight=None, return_stats=False,
-                      inplace_backward=False, impl="auto")
+                      inplace_backward=False, impl="auto", process_group=None, vocab_offset=None,
+                      vocab_size=None, dp_group=None)
     lce = _defaults(rk.linear_cross_entropy)
     assert lce == dict(linear_bias=None, weight=None, reduction="mean", ignore_index=-100, label_smoothing=0.0,
                        options=None, weighting="sft", softcap=None, temperature=1.0, z_loss=0.0,
                        num_items_in_batch=None, token_weight=None, sequence_weight=None, return_stats=False,
-                       chunk_size=None, acc_policy="auto", impl="auto")
+                       chunk_size=None, acc_policy="auto", impl="auto", process_group=None, vocab_offset=None,
+                       vocab_size=None, dp_group=None, reduce_input_grad=True)
     # torch's own positional order for the arguments it shares with F.cross_entropy
     assert list(inspect.signature(rk.cross_entropy).parameters)[:8] == list(
         inspect.signature(torch.nn.functional.cross_entropy).parameters)
-    assert _defaults(rk.token_stats) == dict(ignore_index=-100, softcap=None, temperature=1.0, impl="auto")
+    assert _defaults(rk.token_stats) == dict(ignore_index=-100, softcap=None, temperature=1.0, impl="auto",
+                                             process_group=None, vocab_offset=None, vocab_size=None)
+    assert _defaults(rk.logprobs) == dict(temperature=1.0, softcap=None, ignore_index=-100, impl="auto")
     from ranktuner_kernels import linear_loss, reference
 
     assert linear_loss.CHUNK_BYTES == {"cuda": 240 << 20, "cpu": 32 << 20}
