@@ -13,6 +13,8 @@ them the same way.
 """
 
 from . import distributed, rl, weightings
+from .diagnostics import noise_sensitivity
+from .inspection import inspect
 from .linear_loss import linear_cross_entropy
 from .token_logprobs import linear_logprobs, logprobs
 from .modules import LinearTokenReweightedLoss, TokenReweightedLoss
@@ -41,6 +43,8 @@ __all__ = [
     "linear_logprobs",
     "rl",
     "distributed",
+    "inspect",
+    "noise_sensitivity",
     "TokenReweightedLoss",
     "LinearTokenReweightedLoss",
     "weightings",
