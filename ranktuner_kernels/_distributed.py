@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 from . import _inputs, reference
 from .reference import RowStats, compute_dtype
-from .weightings import TALR
+from .weightings import TALR, Batch
 
 
 class VocabShard(NamedTuple):
@@ -108,13 +108,8 @@ def row_stats(backend, logits: torch.Tensor, target: torch.Tensor, params) -> Ro
     shard = params.shard
     group = shard.group
     dt = compute_dtype(logits.dtype)
-    b_size, t_size, v_size = logits.shape
-    n = target.numel()
     keep = target != params.ignore_index
-    owned = keep & (target >= 0) & (target < v_size)
-    rows = torch.arange(n, device=logits.device)
-    zy = logits[rows // max(t_size, 1), rows % max(t_size, 1), torch.where(owned, target, 0)].to(dt)
-    zy = _all_reduce(torch.where(owned, zy, float("-inf")), dist.ReduceOp.MAX, group)
+    zy = _all_reduce(reference.target_logit(logits, target, params.ignore_index), dist.ReduceOp.MAX, group)
     m, u, a, r, zsum = backend.partial_row_stats(logits, target, zy, params)
     m = m.to(dt)
     big_m = _all_reduce(m.clone(), dist.ReduceOp.MAX, group)
@@ -191,25 +186,16 @@ def group_weighting(weighting, stats: RowStats, keep, params):
     """``weighting`` with its batch-level statistic taken over ``params.dp_group`` (TALR's median)."""
     if not isinstance(weighting, TALR) or weighting.tau is not None:
         return weighting
-    shape = params.shape
-    if len(shape) != 2:
-        raise ValueError("TALR needs [B, T] targets (per-sequence mean NLL) or an explicit tau=")
     group = params.dp_group
-    nll = torch.where(keep, -stats.logp_t, 0).reshape(shape)
-    count = keep.reshape(shape).sum(1)
-    seq = torch.stack([nll.sum(1) / count.clamp_min(1), (count > 0).to(nll.dtype)], 1)
-    sizes = [torch.empty(1, dtype=torch.int64, device=seq.device) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(sizes, torch.tensor([shape[0]], device=seq.device), group=group)
-    b_max = max(int(s) for s in torch.cat(sizes).tolist())
-    padded = torch.cat([seq, seq.new_zeros(b_max - shape[0], 2)])
+    means = weighting.sequence_means(stats, Batch(keep, params.shape))
+    sizes = [torch.empty(1, dtype=torch.int64, device=means.device) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(sizes, torch.tensor([means.numel()], device=means.device), group=group)
+    counts = torch.cat(sizes).tolist()
+    padded = torch.cat([means, means.new_zeros(max(counts) - means.numel())])
     gathered = [torch.empty_like(padded) for _ in sizes]
     dist.all_gather(gathered, padded, group=group)
-    every = torch.cat(gathered)
-    seq_mean = every[:, 0][every[:, 1] > 0]
-    if seq_mean.numel() == 0:
-        tau = torch.ones((), dtype=nll.dtype, device=nll.device)
-    else:
-        tau = torch.quantile(seq_mean, 0.5)
+    every = torch.cat([g[:c] for g, c in zip(gathered, counts)])
+    tau = TALR.median(every, stats.logp_t)
     return _GroupTALR(w_min=weighting.w_min, group_tau=tau)
 
 

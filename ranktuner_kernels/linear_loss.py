@@ -46,7 +46,7 @@ import torch
 from . import _distributed, _inputs, _terms
 from ._dispatch import get_backend
 from ._params import LossParams, check_options
-from .reference import RowStats, compute_dtype
+from .reference import GradCoefs, RowStats, compute_dtype
 from .token_loss import _shard, forward_terms, normaliser, stats_dict
 from .weightings import Terms, resolve
 
@@ -234,24 +234,29 @@ class LinearTokenLossFunction(torch.autograd.Function):
             scaled = [None if t is None else t if bool(g == 1) else (t * g).to(t.dtype) for t in stored]
             scaled[0] = _distributed.all_reduce_input_grad(scaled[0], params, h, fresh=not bool(g == 1))
             return (*scaled, None, None, None, None)
-        with torch.autocast(h.device.type, enabled=False):
-            keep = target != params.ignore_index
-            needs = _needs_grads(ctx, bias)
-            grads = _Grads(h, weight, bias, needs, params.acc_policy, dh_f32=_dh_f32(params))
-            g = _terms.upstream(grad_loss, params.reduction, norm, h.shape[0], w.dtype)
-            for start in range(0, h.shape[0], params.rows):
-                sl = slice(start, min(h.shape[0], start + params.rows))
-                h_c = h[sl]
-                logits = _logits(h_c, weight, bias)[None]
-                stats = RowStats(lse[sl], logp_t[sl], None, None, entropy[sl], None,
-                                 None if logit_mean is None else logit_mean[sl])
-                terms = Terms(None, w[sl], None if beta is None else beta[sl])
-                coefs = _terms.grad_coefs(params, stats, keep[sl], terms, g[sl], params.vocab(weight.shape[0]))
-                params.backend.row_grad(logits, target[sl], stats, coefs, params, out=logits)
-                grads.add_chunk(start, logits[0], h_c, weight)
-                del logits
-            dh, dw, db = grads.final(weight, bias)
-            return (_distributed.all_reduce_input_grad(dh, params, h, fresh=True), dw, db, None, None, None, None)
+        keep = target != params.ignore_index
+        g = _terms.upstream(grad_loss, params.reduction, norm, h.shape[0], w.dtype)
+        stats = RowStats(lse, logp_t, None, None, entropy, None, logit_mean)
+        coefs = _terms.grad_coefs(params, stats, keep, Terms(None, w, beta), g, params.vocab(weight.shape[0]))
+        grads = _Grads(h, weight, bias, _needs_grads(ctx, bias), params.acc_policy, dh_f32=_dh_f32(params))
+        dh, dw, db = gradient_sweep(params, h, weight, bias, target, stats, coefs, grads)
+        return (_distributed.all_reduce_input_grad(dh, params, h, fresh=True), dw, db, None, None, None, None)
+
+
+def gradient_sweep(params: LossParams, h, weight, bias, target, stats: RowStats, coefs: GradCoefs, grads: _Grads):
+    """The backward sweep of the fused path: chunk by chunk, recompute the logits, write the one
+    gradient over them (``coefs``, ``stats``: ``[N]``) and fold it into ``grads``; returns
+    ``grads.final``. 2 N D V FLOPs for the logits, 4 N D V for dh and dW."""
+    with torch.autocast(h.device.type, enabled=False):
+        for start in range(0, h.shape[0], params.rows):
+            sl = slice(start, min(h.shape[0], start + params.rows))
+            logits = _logits(h[sl], weight, bias)[None]
+            chunk = (RowStats(*(None if s is None else s[sl] for s in stats)),
+                     GradCoefs(*(None if c is None else c[sl] for c in coefs)))
+            params.backend.row_grad(logits, target[sl], *chunk, params, out=logits)
+            grads.add_chunk(start, logits[0], h[sl], weight)
+            del logits
+    return grads.final(weight, bias)
 
 
 def _dh_f32(params) -> bool:

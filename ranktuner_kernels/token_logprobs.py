@@ -24,7 +24,7 @@ import torch
 from . import _inputs
 from ._dispatch import get_backend
 from ._params import LossParams, check_options
-from .linear_loss import _Grads, _logits, autocast_inputs, chunk_rows, resolve_policy
+from .linear_loss import _Grads, _logits, _needs_grads, autocast_inputs, chunk_rows, gradient_sweep, resolve_policy
 from .reference import GradCoefs, RowStats, compute_dtype
 from .token_loss import checked_range, prepare_logits
 from .weightings import resolve
@@ -86,18 +86,9 @@ class LinearLogProbsFunction(torch.autograd.Function):
         params = ctx.params
         keep = target != params.ignore_index
         coefs = _coefs(_grad_or_zero(g_logp, logp), g_ent, keep)
-        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2])
-        grads = _Grads(h, weight, bias, needs, params.acc_policy)
-        with torch.autocast(h.device.type, enabled=False):
-            for start in range(0, h.shape[0], params.rows):
-                sl = slice(start, min(h.shape[0], start + params.rows))
-                logits = _logits(h[sl], weight, bias)[None]
-                stats = RowStats(lse[sl], logp[sl], None, None, ent[sl], None)
-                c = GradCoefs(*(None if x is None else x[sl] for x in coefs))
-                params.backend.row_grad(logits, target[sl], stats, c, params, out=logits)
-                grads.add_chunk(start, logits[0], h[sl], weight)
-                del logits
-        return (*grads.final(weight, bias), None, None)
+        grads = _Grads(h, weight, bias, _needs_grads(ctx, bias), params.acc_policy)
+        stats = RowStats(lse, logp, None, None, ent, None)
+        return (*gradient_sweep(params, h, weight, bias, target, stats, coefs, grads), None, None)
 
 
 def _params(backend, shape, ignore_index, softcap, temperature, **kw):

@@ -201,17 +201,26 @@ class TALR(Weighting):
         if self.tau is not None:
             _check_positive(self, "tau")
 
-    def temperature(self, stats: RowStats, batch: Batch) -> torch.Tensor:
-        if self.tau is not None:
-            return torch.tensor(float(self.tau), dtype=stats.logp_t.dtype, device=stats.logp_t.device)
+    @staticmethod
+    def sequence_means(stats: RowStats, batch: Batch) -> torch.Tensor:
+        """Each sequence's mean NLL over its kept tokens, sequences with none left out."""
         if len(batch.shape) != 2:
             raise ValueError("TALR needs [B, T] targets (per-sequence mean NLL) or an explicit tau=")
         nll = torch.where(batch.keep, -stats.logp_t, 0).reshape(batch.shape)
         count = batch.keep.reshape(batch.shape).sum(1)
-        seq_mean = nll.sum(1)[count > 0] / count[count > 0]
-        if seq_mean.numel() == 0:
-            return torch.ones((), dtype=nll.dtype, device=nll.device)
-        return torch.quantile(seq_mean, 0.5)
+        return nll.sum(1)[count > 0] / count[count > 0]
+
+    @staticmethod
+    def median(seq_means: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """``tau``: the median of the sequences' mean NLL (1 when there is none)."""
+        if seq_means.numel() == 0:
+            return torch.ones((), dtype=like.dtype, device=like.device)
+        return torch.quantile(seq_means, 0.5)
+
+    def temperature(self, stats: RowStats, batch: Batch) -> torch.Tensor:
+        if self.tau is not None:
+            return torch.tensor(float(self.tau), dtype=stats.logp_t.dtype, device=stats.logp_t.device)
+        return self.median(self.sequence_means(stats, batch), stats.logp_t)
 
     def terms(self, stats, batch):
         tau = self.temperature(stats, batch)

@@ -8,11 +8,11 @@ public package; ``stats`` holds the types that the kernels and the package share
 """
 
 from .rows import CHUNK_ELEMENTS, row_chunks
-from .row_stats import compute_dtype, finish_row_stats, partial_row_stats, row_stats
+from .row_stats import compute_dtype, finish_row_stats, partial_row_stats, row_stats, target_logit
 from .row_grad import row_grad
 from .stats import GradCoefs, RowStats, Transform
 from .topk_entropy import entropy_of_values, top_values, topk_entropy
 
 __all__ = ["CHUNK_ELEMENTS", "GradCoefs", "RowStats", "Transform", "compute_dtype", "row_chunks",
            "row_stats", "row_grad", "topk_entropy", "partial_row_stats", "finish_row_stats", "top_values",
-           "entropy_of_values"]
+           "entropy_of_values", "target_logit"]

@@ -16,53 +16,29 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 FAR = 30.0
 
 
-def target_terms(e, d, y_col):
-    """``(log s, -log p_t)`` of rows with ``e = exp(z' - m) [C, V]``, ``d = m - z'_y [C]`` and
-    targets ``y_col [C, 1]``, where ``s = sum_i e_i``: ``-log p_t = log1p(u e^d)`` with ``u``
-    the non-target mass ``sum_{i != y} e_i`` (SPEC, "Confident tokens")."""
-    u = e.scatter(1, y_col, 0.0).sum(1)
-    far = ~(d < FAR)  # also NaN: the direct form propagates it
-    s = u + torch.exp(-d)
-    nll = torch.where(far, d + torch.log(s), torch.log1p(u * torch.exp(torch.where(far, 0.0, d))))
-    log_s = torch.where(far, torch.log(s), nll - d)
-    return log_s, nll
+def target_logit(logits: torch.Tensor, target: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """``[B*T]`` the untransformed target logit ``z_y`` of each row of ``[B, T, V]`` logits, in
+    the compute dtype (the logits' dtype embeds in it exactly); ``-inf`` where the row is
+    ignored or its target is not a column of these logits (another vocabulary shard's)."""
+    t_size, v_size = max(logits.shape[1], 1), logits.shape[-1]
+    rows = torch.arange(target.numel(), device=logits.device)
+    owned = (target != ignore_index) & (target >= 0) & (target < v_size)
+    z_y = logits[rows // t_size, rows % t_size, torch.where(owned, target, 0)].to(compute_dtype(logits.dtype))
+    return torch.where(owned, z_y, float("-inf"))
 
 
 def row_stats(logits: torch.Tensor, target: torch.Tensor, ignore_index: int, tr: Transform = Transform(),
               with_mean: bool = False, chunk_elements=None) -> RowStats:
-    """Row statistics of ``[B, T, V]`` logits for ``[B*T]`` int64 targets (SPEC).
-
-    ``H = log s - sum_i e_i (z'_i - m) / s`` with ``e_i = exp(z'_i - m)`` (terms with
-    ``e_i = 0`` count 0); ``rank`` compares the untransformed logits in their own precision
-    (the transform is increasing). NaN or ``+inf`` in a row makes every statistic NaN.
-    Ignored rows: zeros. ``with_mean``: also ``logit_mean`` (label smoothing).
+    """Row statistics of ``[B, T, V]`` logits for ``[B*T]`` int64 targets (SPEC): the
+    accumulators of :func:`partial_row_stats` over the whole row, turned into statistics by
+    :func:`finish_row_stats` (``H = log s - sum_i e_i (z'_i - m) / s``, ``-log p_t`` from the
+    non-target mass). ``rank`` compares the untransformed logits in their own precision (the
+    transform is increasing). NaN or ``+inf`` in a row makes every statistic NaN. Ignored rows:
+    zeros. ``with_mean``: also ``logit_mean`` (label smoothing).
     """
-    n = target.numel()
-    dt = compute_dtype(logits.dtype)
-    fields = 6 if with_mean else 5
-    out = [torch.zeros(n, dtype=dt, device=logits.device) for _ in range(fields)]
-    rank = torch.zeros(n, dtype=torch.int64, device=logits.device)
-    for start, stop, rows in row_chunks(logits, chunk_elements):
-        y = target[start:stop]
-        keep = y != ignore_index
-        y_col = torch.where(keep, y, 0).unsqueeze(1)
-        rank_c = (rows >= rows.gather(1, y_col)).sum(1)
-        z = transform.apply(rows.to(dt), tr)
-        bad = (z.isnan() | z.isposinf()).any(1)
-        m = torch.where(bad, float("nan"), z.amax(1))
-        z_y = z.gather(1, y_col)[:, 0]
-        e = torch.exp(z - m[:, None])
-        log_s, nll = target_terms(e, m - z_y, y_col)
-        a = torch.where(e > 0, e * (z - m[:, None]), 0).sum(1)
-        entropy = log_s - a / torch.exp(log_s)
-        stats_c = [m + log_s, -nll, z_y, m, entropy]
-        if with_mean:
-            stats_c.append(z.mean(1))
-        for o, s in zip(out, stats_c):
-            o[start:stop] = torch.where(keep, s, 0)
-        rank[start:stop] = torch.where(keep, rank_c, 0)
-    lse, logp, zy, m, ent, *mean = out
-    return RowStats(lse, logp, zy, m, ent, rank, mean[0] if mean else None)
+    z_y = target_logit(logits, target, ignore_index)
+    acc = partial_row_stats(logits, target, z_y, ignore_index, tr, with_mean, chunk_elements)
+    return finish_row_stats(*acc, z_y, target != ignore_index, tr, logits.shape[-1])
 
 
 def partial_row_stats(logits: torch.Tensor, target: torch.Tensor, target_logit: torch.Tensor, ignore_index: int,

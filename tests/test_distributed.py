@@ -72,19 +72,26 @@ def test_partial_pass_matches_reference(impl, dtype, tr):
         torch.testing.assert_close(x.double(), y, rtol=2e-5, atol=2e-5)
 
 
-def test_finish_of_a_whole_row_is_row_stats():
-    """``finish_row_stats`` of one shard holding the whole vocabulary is ``row_stats``."""
-    logits, target = make_batch(2, 3, 50, torch.float32, "cpu", seed=2)
+def test_finish_of_a_whole_row_is_the_softmax_statistics():
+    """``finish_row_stats`` of one shard holding the whole vocabulary gives the statistics of
+    SPEC, written out naively in float64 on the transformed logits."""
+    logits, target = make_batch(2, 3, 50, torch.float64, "cpu", seed=2)
     flat = target.reshape(-1)
     keep = flat != -100
-    zy = logits.reshape(-1, 50)[torch.arange(6), flat.clamp_min(0)]
+    zy = reference.target_logit(logits, flat, -100)
     tr = Transform(5.0, 1.3)
     m, u, a, r, zsum = reference.partial_row_stats(logits, flat, zy, -100, tr, with_mean=True)
     got = reference.finish_row_stats(m, u, a, r, zsum, zy, keep, tr, 50)
-    want = reference.row_stats(logits, flat, -100, tr, with_mean=True)
-    assert torch.equal(got.rank, want.rank)
-    for x, y in zip(got, want):
-        torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-6)
+    z = (5.0 * torch.tanh(logits / 5.0) / 1.3).reshape(-1, 50)[keep]
+    y = flat[keep]
+    logp = torch.log_softmax(z, -1)
+    raw = logits.reshape(-1, 50)[keep]
+    want = dict(lse=torch.logsumexp(z, -1), logp_t=logp.gather(1, y[:, None])[:, 0], max_logit=z.amax(-1),
+                entropy=-(logp.exp() * logp).sum(-1), logit_mean=z.mean(-1))
+    for key, value in want.items():
+        torch.testing.assert_close(getattr(got, key)[keep], value, rtol=1e-12, atol=1e-12)
+    assert torch.equal(got.rank[keep], (raw >= raw.gather(1, y[:, None])).sum(-1))
+    assert torch.all(got.lse[~keep] == 0) and torch.all(got.rank[~keep] == 0)
 
 
 def test_vocab_arguments_need_a_group():
