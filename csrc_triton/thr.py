@@ -7,10 +7,9 @@ logits (``π = softmax(z)``, sampled tokens ``y``),
     out[j] = sum_{i : group_o[i] = group_u[j]} w[i] · S[o_i, u_j] (· h_{o_i} · h_{u_j})
     S[o, u] = 1[y_o = y_u] - π_u(y_o) - π_o(y_u) + <π_o, π_u>
 
-Two kernels:
+The per-row ``lse`` (and the entropy THR's advantage rule reads) come from the statistics
+kernel of ``row_stats.py`` (:func:`row_lse_entropy`). The kernel here:
 
-* ``_row_lse_entropy_kernel``: one program per listed row, one streaming pass over the
-  vocabulary (online max and rescaled sums, as ``row_stats``): ``lse`` and the entropy.
 * ``_thr_pair_kernel``: like a (varlen) attention kernel whose "sequence" axis is the
   vocabulary. Rows are sorted by group; each program owns ``BLOCK_U`` updating rows of one
   group and loops over that group's observed rows in ``BLOCK_O`` tiles. For each tile pair it
@@ -33,6 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .row_stats import row_stats
+
 __all__ = ["thr_pair_sums", "row_lse_entropy", "PRECISIONS"]
 
 PRECISIONS = ("ieee", "tf32")
@@ -53,30 +54,6 @@ def _row_geometry(logits: torch.Tensor):
     if logits.dim() == 3:
         return max(logits.shape[1], 1), logits.stride(0), logits.stride(1), logits.shape[2]
     raise ValueError(f"logits: expected [N, V] or [B, T, V], got shape {tuple(logits.shape)}")
-
-
-@triton.jit
-def _row_lse_entropy_kernel(logits_ptr, rows_ptr, lse_ptr, ent_ptr, T, stride_b, stride_t, V,
-                            BLOCK_V: tl.constexpr):
-    row = tl.load(rows_ptr + tl.program_id(0)).to(tl.int64)
-    base = logits_ptr + (row // T) * stride_b + (row % T) * stride_t
-    m = float("-inf")  # running max
-    s = 0.0  # sum exp(z - m)
-    a = 0.0  # sum exp(z - m) (z - m)
-    for start in range(0, V, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        z = tl.load(base + cols, mask=cols < V, other=float("-inf")).to(tl.float32)
-        m_new = tl.maximum(m, tl.max(z, axis=0))
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
-        shift = tl.where(m == float("-inf"), 0.0, m - m_ref)
-        alpha = tl.exp(shift)
-        e = tl.exp(z - m_ref)
-        a = (a + shift * s) * alpha + tl.sum(tl.where(e > 0, e * (z - m_ref), 0.0), axis=0)
-        s = s * alpha + tl.sum(e, axis=0)
-        m = m_new
-    log_s = tl.log(s)
-    tl.store(lse_ptr + row, m + log_s)
-    tl.store(ent_ptr + row, log_s - a / s)
 
 
 @triton.jit
@@ -168,25 +145,20 @@ def _blocks(group_u_sorted, group_o_sorted, block_u):
     return table.to(torch.int32).contiguous()
 
 
-def _lse_block(v_size):
-    cap = 256 if _interpreting() else 2048
-    return min(cap, triton.next_power_of_2(max(v_size, 16)))
-
-
-def row_lse_entropy(logits: torch.Tensor, rows: torch.Tensor | None = None, lse: torch.Tensor | None = None,
-                    entropy: torch.Tensor | None = None):
-    """float32 ``(lse, entropy)`` of length ``N`` for ``[N, V]`` / ``[B, T, V]`` logits; only the
-    listed ``rows`` (int64) are computed (the others are left as they were: zeros if new)."""
-    t, sb, st, v = _row_geometry(logits)
-    n = logits.shape[0] if logits.dim() == 2 else logits.shape[0] * logits.shape[1]
-    dev = logits.device
-    lse = torch.zeros(n, dtype=torch.float32, device=dev) if lse is None else lse
-    entropy = torch.zeros(n, dtype=torch.float32, device=dev) if entropy is None else entropy
-    rows = torch.arange(n, device=dev) if rows is None else rows.to(device=dev, dtype=torch.int64).contiguous()
-    if rows.numel() and v > 0:
-        _row_lse_entropy_kernel[(rows.numel(),)](logits, rows, lse, entropy, t, sb, st, v,
-                                                 BLOCK_V=_lse_block(v), num_warps=4)
-    return lse, entropy
+def row_lse_entropy(logits: torch.Tensor, rows: torch.Tensor | None = None):
+    """float32 ``(lse, entropy)`` of length ``N`` for ``[N, V]`` / ``[B, T, V]`` logits, from the
+    statistics kernel (``row_stats.py``); only the listed ``rows`` (int64) are computed, the
+    others hold zeros (they are passed as ignored: nothing of them is read)."""
+    _row_geometry(logits)
+    rows3 = logits if logits.dim() == 3 else logits.unsqueeze(0)
+    n = rows3.shape[0] * rows3.shape[1]
+    target = torch.full((n,), -1, dtype=torch.int64, device=logits.device)
+    target[slice(None) if rows is None else rows.to(device=logits.device, dtype=torch.int64)] = 0
+    if rows3.shape[-1] == 0:
+        zeros = torch.zeros(n, dtype=torch.float32, device=logits.device)
+        return zeros, zeros.clone()
+    stats, _ = row_stats(rows3, target, ignore_index=-1)
+    return stats[0], stats[4]
 
 
 def thr_pair_sums(logits, tokens, u_rows, u_group, o_rows, o_group, o_weight, hidden=None, *,
