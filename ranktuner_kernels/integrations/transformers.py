@@ -35,6 +35,8 @@ import torch
 
 import ranktuner_kernels as rk
 
+from . import _heads
+
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
     "patch_model",
@@ -505,11 +507,7 @@ def _fused_loss(self, state, arguments, labels, shift_labels):
                         "last_hidden_state; expected the decoder's BaseModelOutputWithPast")
     kept = _slice_to_keep(hidden, logits_to_keep)
     target = _targets(labels, shift_labels, ignore_index, hidden.shape[:-1], kept.shape[:-1], logits_to_keep)
-    head = self.get_output_embeddings()
-    if not isinstance(head, torch.nn.Linear):
-        raise TypeError(f"model: the output embeddings are a {type(head).__name__}; the fused loss needs a plain "
-                        "torch.nn.Linear LM head (a LoRA-wrapped or modules_to_save head is not supported)")
-    weight, bias = head.weight, head.bias
+    kept, weight, bias = _heads.linear_operands(self.get_output_embeddings(), kept)
     kept = kept.to(weight.device)  # a model split across devices can end elsewhere than its head
     target = target.to(weight.device)
     device_type = weight.device.type
