@@ -1,4 +1,8 @@
-"""One dispatch between the Triton kernels and the pure-torch reference."""
+"""One dispatch between the Triton kernels and the pure-torch reference.
+
+A :class:`Backend` is chosen once per call (:func:`get_backend`); a vocabulary-parallel call
+wraps it in ``_distributed.ShardedBackend``, which merges the shards' statistics. Nothing
+here knows about ``torch.distributed``."""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import os
 import torch
 
 from . import reference
+from .reference import thr as reference_thr
 from .reference import GradCoefs, RowStats
 
 #: Logit dtypes the Triton kernels accept; the reference also takes float64.
@@ -47,10 +52,27 @@ def pick_impl(impl: str, tensor: torch.Tensor) -> str:
 
 
 class Backend:
-    """Row statistics, the fused weighting formula and the gradient of one implementation."""
+    """Row statistics, the fused weighting formula and the gradient of one implementation, on
+    logits that hold the whole vocabulary."""
+
+    #: the logits are one shard of the vocabulary (``_distributed.ShardedBackend``)
+    sharded = False
 
     def __init__(self, name: str):
         self.name = name
+
+    def vocab(self, v_local: int) -> int:
+        """The whole vocabulary's size for logits with ``v_local`` columns."""
+        return v_local
+
+    def reduce_input_grad(self, dh, params, like, fresh: bool):
+        """The fused path's input gradient in ``like``'s dtype (summed over the vocabulary
+        group by the sharded backend). ``fresh``: ``dh`` may be changed in place."""
+        return None if dh is None else dh.to(like.dtype)
+
+    def dh_f32(self, params) -> bool:
+        """Accumulate the fused path's ``dh`` in float32 (a shard's partial sum)."""
+        return False
 
     @property
     def kernels(self):
@@ -63,10 +85,6 @@ class Backend:
         and this is the Triton backend, the weighting's ``(value, w, beta)`` from the
         statistics kernel (times ``scale``; else None: the torch formula runs afterwards)."""
         with_mean = params.label_smoothing > 0
-        if params.shard is not None:  # a vocabulary shard: partial pass, merge, torch formula
-            from . import _distributed
-
-            return _distributed.row_stats(self, logits, target, params), None
         if self.name == "reference":
             return reference.row_stats(logits, target, params.ignore_index, params.transform, with_mean), None
         formula = None
@@ -87,12 +105,7 @@ class Backend:
                                      params.ignore_index, out, *params.transform)
 
     def topk_entropy(self, logits, target, k, params):
-        """EAFT's top-K entropy: the streaming kernel for ``k <= 64``, else ``torch.topk``; on a
-        vocabulary shard, the shards' top-K candidates gathered and merged."""
-        if params.shard is not None:
-            from . import _distributed
-
-            return _distributed.topk_entropy(logits, target, k, params)
+        """EAFT's top-K entropy: the streaming kernel for ``k <= 64``, else ``torch.topk``."""
         if self.name == "triton" and k <= self.kernels.topk_entropy_max_k:
             return self.kernels.topk_entropy(logits, target, k, params.ignore_index, *params.transform)
         return reference.topk_entropy(logits, target, k, params.ignore_index, params.transform)
@@ -105,6 +118,34 @@ class Backend:
                                                with_mean)
         return self.kernels.row_stats(logits, target, params.ignore_index, *params.transform, with_mean,
                                       partial_target_logit=target_logit)
+
+
+    @staticmethod
+    def _thr_kernels():
+        from .kernels import thr
+
+        return thr
+
+    def row_lse_entropy(self, logits, rows):
+        """``lse`` and entropy of the rows ``rows`` of ``[N, V]`` or ``[B, T, V]`` logits, as
+        ``[N]`` (0 on the other rows): THR's statistics pass."""
+        n = logits.numel() // logits.shape[-1]
+        if self.name == "triton":
+            return self._thr_kernels().row_lse_entropy(logits if logits.stride(-1) == 1 else logits.contiguous(), rows)
+        lse_k, ent_k = reference_thr.row_lse_entropy(logits.reshape(n, logits.shape[-1]), rows)
+        lse = torch.zeros(n, dtype=lse_k.dtype, device=logits.device)
+        ent = torch.zeros_like(lse)
+        lse[rows], ent[rows] = lse_k, ent_k
+        return lse, ent
+
+    def thr_pair_sums(self, logits, tokens, u_rows, u_group, o_rows, o_group, o_weight, hidden, lse, precision):
+        """THR's grouped pair sums (``rl.thr.thr_pair_sums``)."""
+        if self.name == "triton":
+            return self._thr_kernels().thr_pair_sums(logits if logits.stride(-1) == 1 else logits.contiguous(), tokens,
+                                                  u_rows, u_group, o_rows, o_group, o_weight, hidden, lse=lse,
+                                                  precision=precision)
+        return reference_thr.thr_pair_sums(logits.reshape(-1, logits.shape[-1]), tokens, u_rows, u_group, o_rows,
+                                           o_group, o_weight, hidden, lse=lse)
 
 
 def get_backend(impl: str, tensor: torch.Tensor) -> Backend:

@@ -24,16 +24,14 @@ gradients) gives the single-process mean; TALR's median runs over the group's se
 from __future__ import annotations
 
 import sys
-import types
-from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 import torch.distributed as dist
 
-from . import _inputs, reference
+from . import reference
+from ._dispatch import Backend
 from .reference import RowStats, compute_dtype
-from .weightings import TALR, Batch
 
 
 class VocabShard(NamedTuple):
@@ -102,101 +100,109 @@ def _all_reduce(t: torch.Tensor, op, group) -> torch.Tensor:
     return t
 
 
-def row_stats(backend, logits: torch.Tensor, target: torch.Tensor, params) -> RowStats:
-    """The merged ``RowStats`` of ``[B, T, V_r]`` shard logits (``target``: shard-local,
-    :func:`local_target`), identical on every rank of the group."""
-    shard = params.shard
-    group = shard.group
-    dt = compute_dtype(logits.dtype)
-    keep = target != params.ignore_index
-    zy = _all_reduce(reference.target_logit(logits, target, params.ignore_index), dist.ReduceOp.MAX, group)
-    m, u, a, r, zsum = backend.partial_row_stats(logits, target, zy, params)
-    m = m.to(dt)
-    big_m = _all_reduce(m.clone(), dist.ReduceOp.MAX, group)
+class ShardedBackend(Backend):
+    """A backend on one vocabulary shard: the local backend's passes, with the row statistics
+    merged across the shard's group (module docstring), EAFT's top-K gathered, and the fused
+    path's input gradient summed over the group. Chosen once per call, by the call preparation."""
+
+    sharded = True
+
+    def __init__(self, local: Backend, shard: VocabShard):
+        super().__init__(local.name)
+        self.shard = shard
+
+    def vocab(self, v_local: int) -> int:
+        return self.shard.v_global
+
+    def row_stats(self, logits, target, params, weighting=None, scale=None):
+        """The merged ``RowStats`` of ``[B, T, V_r]`` shard logits (``target``: shard-local,
+        :func:`local_target`), identical on every rank; the weighting's formula then runs in
+        torch (None)."""
+        group = self.shard.group
+        dt = compute_dtype(logits.dtype)
+        keep = target != params.ignore_index
+        zy = _all_reduce(reference.target_logit(logits, target, params.ignore_index), dist.ReduceOp.MAX, group)
+        m, u, a, r, zsum = self.partial_row_stats(logits, target, zy, params)
+        m = m.to(dt)
+        big_m = _all_reduce(m.clone(), dist.ReduceOp.MAX, group)
+        packet = merge_packet(m, big_m, u, a, r, zsum)
+        return finish_merged(big_m, _all_reduce(packet, dist.ReduceOp.SUM, group), zsum is not None, zy, keep,
+                             params.transform, self.shard.v_global), None
+
+    def topk_entropy(self, logits, target, k, params):
+        """EAFT's top-K entropy over the whole vocabulary: each shard's ``min(k, V)`` largest
+        ``z'`` all-gathered (``k * 4`` bytes per token and rank), then the top ``k`` of them."""
+        shard = self.shard
+        k_all = min(k, shard.v_global)
+        top = reference.top_values(logits, target, k_all, params.ignore_index, params.transform)
+        if top.shape[1] < k_all:
+            top = torch.cat([top, top.new_full((top.shape[0], k_all - top.shape[1]), float("-inf"))], 1)
+        gathered = [torch.empty_like(top) for _ in range(shard.world)]
+        dist.all_gather(gathered, top.contiguous(), group=shard.group)
+        merged = torch.cat(gathered, 1).topk(k_all, dim=1, sorted=False).values
+        keep = target != params.ignore_index
+        return torch.where(keep, reference.entropy_of_values(merged), 0)
+
+    def reduce_input_grad(self, dh, params, like, fresh: bool):
+        """Summed over the vocabulary group where asked (in the float32 it was accumulated in
+        for 16-bit inputs), then in ``like``'s dtype; a saved ``dh`` (not ``fresh``) is copied."""
+        if dh is None:
+            return None
+        if params.reduce_input_grad:
+            dh = dh if fresh else dh.clone()
+            dist.all_reduce(dh, op=dist.ReduceOp.SUM, group=self.shard.group)
+        return dh.to(like.dtype)
+
+    def dh_f32(self, params) -> bool:
+        return params.reduce_input_grad
+
+
+def merge_packet(m, big_m, u, a, r, zsum) -> torch.Tensor:
+    """One shard's ``[N, 3 or 4]`` summands ``(u, a, r[, sum z'])`` rescaled from its own max
+    ``m`` to the group's ``big_m`` (the all-reduce SUM of these is the merged row)."""
+    dt = m.dtype
     m_ref = torch.where(big_m == float("-inf"), 0.0, big_m)
     scale = torch.exp(m - m_ref)  # 0 for a shard of -inf logits only
     shift = torch.where(m == float("-inf"), 0.0, m - m_ref)
     parts = [u.to(dt) * scale, (a.to(dt) + shift * u.to(dt)) * scale, r.to(dt)]
     if zsum is not None:
         parts.append(zsum.to(dt))
-    packet = _all_reduce(torch.stack(parts, 1), dist.ReduceOp.SUM, group)
+    return torch.stack(parts, 1)
+
+
+def finish_merged(big_m, packet, with_mean: bool, zy, keep, transform, v_global) -> RowStats:
+    """The statistics kernel's final formulas on the summed packets (identical on every rank)."""
     return reference.finish_row_stats(big_m, packet[:, 0], packet[:, 1], packet[:, 2],
-                                      packet[:, 3] if zsum is not None else None, zy, keep, params.transform,
-                                      shard.v_global)
-
-
-def topk_entropy(logits, target, k, params):
-    """EAFT's top-K entropy over the whole vocabulary: each shard's ``min(k, V)`` largest
-    ``z'`` all-gathered (``k * 4`` bytes per token and rank), then the top ``k`` of them."""
-    shard = params.shard
-    k_all = min(k, shard.v_global)
-    top = reference.top_values(logits, target, k_all, params.ignore_index, params.transform)
-    if top.shape[1] < k_all:
-        top = torch.cat([top, top.new_full((top.shape[0], k_all - top.shape[1]), float("-inf"))], 1)
-    gathered = [torch.empty_like(top) for _ in range(shard.world)]
-    dist.all_gather(gathered, top.contiguous(), group=shard.group)
-    merged = torch.cat(gathered, 1).topk(k_all, dim=1, sorted=False).values
-    keep = target != params.ignore_index
-    return torch.where(keep, reference.entropy_of_values(merged), 0)
-
-
-def all_reduce_input_grad(dh: Optional[torch.Tensor], params, like: torch.Tensor, fresh: bool):
-    """The fused path's input gradient: summed over the vocabulary group where asked (in the
-    float32 it was accumulated in for 16-bit inputs), then in ``like``'s dtype. ``fresh``:
-    ``dh`` may be reduced in place (else it is a saved tensor and is copied first)."""
-    if dh is None:
-        return None
-    if params.shard is not None and params.reduce_input_grad:
-        dh = dh if fresh else dh.clone()
-        dist.all_reduce(dh, op=dist.ReduceOp.SUM, group=params.shard.group)
-    return dh.to(like.dtype)
+                                      packet[:, 3] if with_mean else None, zy, keep, transform, v_global)
 
 
 # -- data parallel ---------------------------------------------------------------------------
 
 
-def normaliser(reduction, keep, num_items_in_batch, dtype, weight_per_token, group):
-    """The divisor of ``"mean"`` on one rank of a data-parallel ``group``: the group's number of
-    kept tokens (or ``num_items_in_batch``, taken as that global count), over the group's size.
-    The mean of the ranks' losses, and the average of their gradients, is then the
-    single-process mean."""
-    if reduction != "mean":
-        return None
-    if num_items_in_batch is None:
-        local = keep.sum().to(dtype) if weight_per_token is None else weight_per_token.sum().to(dtype)
-        num_items_in_batch = _all_reduce(local.reshape(1), dist.ReduceOp.SUM, group)
-    n = _inputs.normaliser(reduction, keep, num_items_in_batch, dtype)
-    return n / dist.get_world_size(group)
+def group_sum(count: torch.Tensor, group) -> torch.Tensor:
+    """``count`` summed over ``group`` (one all-reduce)."""
+    return _all_reduce(count.reshape(1).clone(), dist.ReduceOp.SUM, group).reshape(())
 
 
-@dataclass(frozen=True)
-class _GroupTALR(TALR):
-    """TALR with ``tau`` the median over the data-parallel group's sequences (a tensor)."""
-
-    group_tau: Optional[torch.Tensor] = None
-
-    def validate(self):
-        pass
-
-    def temperature(self, stats, batch):
-        return self.group_tau
+def world_size(group) -> int:
+    return dist.get_world_size(group)
 
 
-def group_weighting(weighting, stats: RowStats, keep, params):
-    """``weighting`` with its batch-level statistic taken over ``params.dp_group`` (TALR's median)."""
-    if not isinstance(weighting, TALR) or weighting.tau is not None:
-        return weighting
-    group = params.dp_group
-    means = weighting.sequence_means(stats, Batch(keep, params.shape))
-    sizes = [torch.empty(1, dtype=torch.int64, device=means.device) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(sizes, torch.tensor([means.numel()], device=means.device), group=group)
-    counts = torch.cat(sizes).tolist()
-    padded = torch.cat([means, means.new_zeros(max(counts) - means.numel())])
-    gathered = [torch.empty_like(padded) for _ in sizes]
-    dist.all_gather(gathered, padded, group=group)
-    every = torch.cat([g[:c] for g, c in zip(gathered, counts)])
-    tau = TALR.median(every, stats.logp_t)
-    return _GroupTALR(w_min=weighting.w_min, group_tau=tau)
+def batch_gather(group):
+    """The group hook of batch-level statistics (``weightings.Batch.gather``): a function that
+    concatenates each rank's 1-D tensor (of any length) over ``group``, in rank order."""
+
+    def gather(values: torch.Tensor) -> torch.Tensor:
+        world = dist.get_world_size(group)
+        sizes = [torch.empty(1, dtype=torch.int64, device=values.device) for _ in range(world)]
+        dist.all_gather(sizes, torch.tensor([values.numel()], device=values.device), group=group)
+        counts = torch.cat(sizes).tolist()
+        padded = torch.cat([values, values.new_zeros(max(counts) - values.numel())])
+        gathered = [torch.empty_like(padded) for _ in sizes]
+        dist.all_gather(gathered, padded, group=group)
+        return torch.cat([g[:c] for g, c in zip(gathered, counts)])
+
+    return gather
 
 
 # -- DTensor ---------------------------------------------------------------------------------
@@ -248,37 +254,3 @@ def vocab_local(t, dim: int, name: str, process_group):
             f"compute the loss inside the module's forward, or with "
             f"ranktuner_kernels.distributed.head_cross_entropy (docs/distributed.md)")
     return t.to_local(), mesh.get_group(sharded[0])
-
-
-# -- FSDP2 -----------------------------------------------------------------------------------
-
-
-def _is_fsdp_module(module) -> bool:
-    if "torch.distributed.fsdp" not in sys.modules:
-        return False
-    from torch.distributed.fsdp import FSDPModule
-
-    return isinstance(module, FSDPModule)
-
-
-_HEAD_METHOD = "_ranktuner_head_cross_entropy"
-
-
-def head_method(head):
-    """``head``'s fused-loss method: a plain function of the head's parameters, registered as
-    one of its FSDP2 forward methods where ``head`` is ``fully_shard``-ed (so FSDP all-gathers
-    the weight before it, reshards after it and reduce-scatters the weight's gradient)."""
-    from .linear_loss import linear_cross_entropy
-
-    if not _is_fsdp_module(head):
-        return lambda input, target, **kw: linear_cross_entropy(input, head.weight, target,
-                                                                linear_bias=getattr(head, "bias", None), **kw)
-    if _HEAD_METHOD not in head.__dict__:
-        from torch.distributed.fsdp import register_fsdp_forward_method
-
-        def method(self, input, target, **kw):
-            return linear_cross_entropy(input, self.weight, target, linear_bias=getattr(self, "bias", None), **kw)
-
-        object.__setattr__(head, _HEAD_METHOD, types.MethodType(method, head))
-        register_fsdp_forward_method(head, _HEAD_METHOD)
-    return getattr(head, _HEAD_METHOD)

@@ -7,6 +7,8 @@ import numbers
 
 import torch
 
+from .weightings import Weighting
+
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
@@ -57,7 +59,12 @@ def check_target(target, lead_shape: tuple, like: torch.Tensor, like_name: str):
         raise TypeError(f"target: must hold integer class indices (class probabilities are not supported), "
                         f"got dtype {target.dtype}")
     if tuple(target.shape) != tuple(lead_shape):
-        raise ValueError(f"target: shape {tuple(target.shape)} does not match {like_name}'s leading shape {tuple(lead_shape)}")
+        hint = ""
+        if like.dim() >= 3 and tuple(target.shape) == (like.shape[0], *like.shape[2:]):
+            hint = (f"; {like_name} looks class-first ([N, C, d1, ...] as F.cross_entropy takes it): here the class "
+                    f"dimension is last, pass {like_name}.movedim(1, -1)")
+        raise ValueError(f"target: shape {tuple(target.shape)} does not match {like_name}'s leading shape "
+                         f"{tuple(lead_shape)}{hint}")
     check_same_device("target", target, like, like_name)
     return target.reshape(-1).long().contiguous()
 
@@ -109,6 +116,9 @@ def class_weight(weight, v_size: int, flat_target: torch.Tensor, ignore_index: i
     ``weight[y_t]`` (0 where ignored), or None."""
     if weight is None:
         return None
+    if isinstance(weight, (str, Weighting)):
+        raise TypeError(f"weight: got the weighting {weight!r}; weight is F.cross_entropy's per-class [V] tensor, "
+                        f"and a weighting is keyword-only: weighting={weight!r}")
     check_float("weight", weight, dims=(1,))
     if weight.shape[0] != v_size:
         raise ValueError(f"weight: expected one weight per class, shape ({v_size},), got {tuple(weight.shape)}")
@@ -117,23 +127,89 @@ def class_weight(weight, v_size: int, flat_target: torch.Tensor, ignore_index: i
     return torch.where(keep, weight.detach()[torch.where(keep, flat_target, 0).clamp(0, v_size - 1)], 0)
 
 
-def normaliser(reduction: str, keep: torch.Tensor, num_items_in_batch, dtype, weight_per_token=None):
-    """The divisor of ``reduction="mean"``: ``num_items_in_batch`` if given, else the number of
-    kept tokens (``F.cross_entropy``'s sum of ``weight[y_t]`` with a class ``weight``). A
-    divisor of 0 (no kept token, or ``num_items_in_batch=0``) divides by 1, so such a batch
-    contributes 0; a NaN divisor gives a NaN loss; a negative one raises."""
-    if reduction != "mean":
-        return None
+def check_num_items(num_items_in_batch):
+    """``num_items_in_batch``: None, a number >= 0 or a one-element tensor (whose sign is
+    checked with the targets' range, :func:`check_range`, to read back once)."""
     if num_items_in_batch is None:
-        n = keep.sum().to(dtype) if weight_per_token is None else weight_per_token.sum().to(dtype)
-    elif isinstance(num_items_in_batch, torch.Tensor):
+        return None
+    if isinstance(num_items_in_batch, torch.Tensor):
         if num_items_in_batch.numel() != 1:
-            raise ValueError("num_items_in_batch: expected a number or a one-element tensor")
-        n = num_items_in_batch.detach().to(device=keep.device, dtype=dtype).reshape(())
-    elif isinstance(num_items_in_batch, numbers.Real) and not isinstance(num_items_in_batch, bool):
+            raise ValueError(f"num_items_in_batch: expected a number or a one-element tensor, got shape "
+                             f"{tuple(num_items_in_batch.shape)}")
+        if num_items_in_batch.dtype == torch.bool or num_items_in_batch.dtype.is_complex:
+            raise TypeError(f"num_items_in_batch: expected a real dtype, got {num_items_in_batch.dtype}")
+        return num_items_in_batch
+    if isinstance(num_items_in_batch, numbers.Real) and not isinstance(num_items_in_batch, bool):
         if num_items_in_batch < 0:
             raise ValueError(f"num_items_in_batch: must be >= 0, got {num_items_in_batch}")
-        n = torch.tensor(float(num_items_in_batch), dtype=dtype, device=keep.device)
+        return num_items_in_batch
+    raise TypeError(f"num_items_in_batch: expected a number or a tensor, got {type(num_items_in_batch).__name__}")
+
+
+def divisor(count, num_items_in_batch, dtype, device):
+    """The divisor of a mean, the library's one rule: ``num_items_in_batch`` if given (checked
+    by :func:`check_num_items`), else ``count`` (a tensor); 0 divides by 1, so a batch with
+    nothing to count contributes 0 (and a zero gradient); NaN gives NaN."""
+    if num_items_in_batch is None:
+        n = count.to(dtype)
+    elif isinstance(num_items_in_batch, torch.Tensor):
+        n = num_items_in_batch.detach().to(device=device, dtype=dtype).reshape(())
     else:
-        raise TypeError(f"num_items_in_batch: expected a number or a tensor, got {type(num_items_in_batch).__name__}")
+        n = torch.tensor(float(num_items_in_batch), dtype=dtype, device=device)
     return torch.where(n == 0, torch.ones_like(n), n)
+
+
+def overlaps(t: torch.Tensor, max_enumerated: int = 1 << 22) -> bool:
+    """Whether two elements of ``t`` share memory (an expanded or ``as_strided`` view).
+
+    Exact for every view a slice, a transpose, a ``movedim`` or a reshape makes: with the
+    dimensions sorted by stride, a stride beyond the span of the smaller ones adds disjoint
+    translated copies. Where a stride falls inside that span (interleaved strides), the offsets
+    of the dimensions so far are enumerated and checked for repeats, up to ``max_enumerated``
+    of them; beyond that the view counts as overlapping (refused, never silently wrong)."""
+    if t.numel() <= 1:
+        return False
+    dims = sorted((st, n) for n, st in zip(t.shape, t.stride()) if n > 1)
+    span = 0  # the largest offset the dimensions so far reach
+    offsets = None  # their offsets, enumerated once a stride fell inside the span
+    for i, (stride, size) in enumerate(dims):
+        if stride == 0:
+            return True
+        if offsets is None and stride > span:
+            span += stride * (size - 1)
+            continue
+        if offsets is None:
+            offsets = torch.zeros(1, dtype=torch.int64)
+            for st, n in dims[:i]:
+                offsets = (offsets[:, None] + st * torch.arange(n)).reshape(-1)
+        if offsets.numel() * size > max_enumerated:
+            return True
+        offsets = (offsets[:, None] + stride * torch.arange(size)).reshape(-1)
+        if torch.unique(offsets).numel() != offsets.numel():
+            return True
+        span = int(offsets.max())
+    return False
+    dims = sorted((st, n) for n, st in zip(t.shape, t.stride()) if n > 1)
+    span = 0  # the largest offset reached by the dimensions so far
+    offsets = None  # their enumerated offsets, once a stride fell inside the span
+    for stride, size in dims:
+        if stride == 0:
+            return True
+        if offsets is None and stride > span:
+            span += stride * (size - 1)
+            continue
+        if offsets is None:
+            offsets = torch.zeros(1, dtype=torch.int64)
+            for st, n in dims:
+                if st >= stride and (st, n) != (stride, size):
+                    continue
+                if (st, n) == (stride, size):
+                    break
+                offsets = (offsets[:, None] + st * torch.arange(n)).reshape(-1)
+        if offsets.numel() * size > max_enumerated:
+            return True
+        offsets = (offsets[:, None] + stride * torch.arange(size)).reshape(-1)
+        if torch.unique(offsets).numel() != offsets.numel():
+            return True
+        span = int(offsets.max())
+    return False

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 from ._dispatch import Backend
 from .reference import Transform
@@ -19,10 +19,10 @@ REDUCTIONS = ("mean", "sum", "none")
 class LossParams:
     """``shape``: the target's shape; ``transform``: softcap and temperature; ``rows``: rows
     per chunk of the fused linear path; ``grad_enabled``: grad mode at the call
-    (``ctx.needs_input_grad`` ignores ``torch.no_grad()``); ``shard``: the vocabulary shard
-    (``_distributed.VocabShard``) of a vocabulary-parallel call, else None; ``dp_group``: the
-    data-parallel group of batch-level statistics (TALR's median); ``reduce_input_grad``: the
-    fused path all-reduces ``dh`` over the shard's group."""
+    (``ctx.needs_input_grad`` ignores ``torch.no_grad()``); ``batch_gather``: the group hook
+    of batch-level statistics (``weightings.Batch.gather``; set for ``dp_group=``, else None);
+    ``reduce_input_grad``: a vocabulary-sharded fused path all-reduces ``dh`` over the shard's
+    group. A vocabulary-parallel call has a sharded ``backend`` (``_distributed.ShardedBackend``)."""
 
     weighting: Weighting
     backend: Backend
@@ -36,13 +36,12 @@ class LossParams:
     rows: Optional[int] = None
     acc_policy: str = "accurate"
     grad_enabled: bool = True
-    shard: Optional[object] = None
-    dp_group: Optional[object] = None
+    batch_gather: Optional[Callable] = None
     reduce_input_grad: bool = True
 
     def vocab(self, v_local: int) -> int:
         """The whole vocabulary's size (the shards' sum on a vocabulary-parallel call)."""
-        return v_local if self.shard is None else self.shard.v_global
+        return self.backend.vocab(v_local)
 
 
 def _real(name, v):

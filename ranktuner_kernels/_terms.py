@@ -11,21 +11,34 @@ Per kept token, with the weighting's ``(value_w, w, beta)`` (times the caller's 
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .reference import GradCoefs, RowStats
-from .weightings import Batch, Terms
+from .weightings import LN2, Batch, Terms
+
+
+def forward_terms(params, logits, target, keep, scale):
+    """``(stats, terms, z_loss, value)`` of ``[B, T, V]`` logits: the statistics, the
+    weighting's terms (fused in the Triton kernel where row-local), and the token values."""
+    backend, weighting = params.backend, params.weighting
+    stats, fused = backend.row_stats(logits, target, params, weighting, scale)
+    if fused is not None:
+        value, w, beta = fused
+        terms = Terms(value, w, beta if weighting.has_entropy_term else None)
+    else:
+        topk = backend.topk_entropy(logits, target, weighting.k, params) if weighting.needs_topk else None
+        terms = weighting_terms(params, stats, keep, scale, topk)
+    z_loss = z_loss_terms(params, stats, keep)
+    return stats, terms, z_loss, total_value(params, stats, terms, z_loss)
 
 
 def weighting_terms(params, stats: RowStats, keep, scale, topk_entropy=None) -> Terms:
     """The weighting's torch formula times the caller's ``scale``, exactly zero on ignored tokens
-    (a batch-level statistic, TALR's median, over ``params.dp_group`` where given)."""
-    weighting = params.weighting
-    if weighting.batch_level and getattr(params, "dp_group", None) is not None:
-        from . import _distributed
-
-        weighting = _distributed.group_weighting(weighting, stats, keep, params)
-    t = weighting.terms(stats, Batch(keep, params.shape, topk_entropy))
+    (a batch-level statistic, TALR's median, over the data-parallel group through
+    ``params.batch_gather`` where given)."""
+    t = params.weighting.terms(stats, Batch(keep, params.shape, topk_entropy, params.batch_gather))
     mult = keep.to(t.value.dtype) if scale is None else torch.where(keep, scale.to(t.value.dtype), 0)
 
     def masked(x):
@@ -80,3 +93,28 @@ def upstream(grad, reduction, norm, n, dtype):
     g = grad.to(dtype)
     g = g / norm if reduction == "mean" else g
     return g.expand(n)
+
+
+def stats_dict(shape, keep, w, z_loss, stats: RowStats):
+    """The per-token statistics returned by ``return_stats=True`` / ``token_stats``, shaped like
+    the target. Ignored positions: NaN in every float statistic, ``rank`` 0, ``accuracy``
+    False, ``weight`` and ``z_loss`` 0 (what they contributed)."""
+
+    def nan_ignored(x):
+        return torch.where(keep, x, math.nan)
+
+    out = {
+        "p_t": nan_ignored(stats.logp_t.exp()),
+        "logp_t": nan_ignored(stats.logp_t),
+        "entropy": nan_ignored(stats.entropy),
+        "entropy_bits": nan_ignored(stats.entropy / LN2),
+        "p_max": nan_ignored(stats.p_max),
+        "rank": stats.rank,
+        "lse": nan_ignored(stats.lse),
+        "accuracy": keep & (stats.target_logit >= stats.max_logit),
+    }
+    if w is not None:
+        out["weight"] = w
+    if z_loss is not None:
+        out["z_loss"] = z_loss
+    return {k: v.reshape(shape) for k, v in out.items()}

@@ -13,10 +13,14 @@ shard of the LM head (or a ``ColwiseParallel`` DTensor head, which names its gro
 
 from __future__ import annotations
 
+import sys
+import types
+
 import torch
 import torch.distributed as dist
 
-from . import _distributed, _inputs
+from . import _inputs
+from .linear_loss import linear_cross_entropy
 
 __all__ = ["head_cross_entropy", "global_num_items"]
 
@@ -37,7 +41,36 @@ def head_cross_entropy(head: torch.nn.Module, input: torch.Tensor, target: torch
     ``kwargs``: any keyword argument of ``rk.linear_cross_entropy`` (``weighting=``,
     ``dp_group=``, ``num_items_in_batch=``, ...).
     """
-    return _distributed.head_method(head)(input, target, **kwargs)
+    return head_method(head)(input, target, **kwargs)
+
+
+def _is_fsdp_module(module) -> bool:
+    if "torch.distributed.fsdp" not in sys.modules:
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
+_HEAD_METHOD = "_ranktuner_head_cross_entropy"
+
+
+def head_method(head):
+    """``head``'s fused-loss method: a plain function of the head's parameters, registered as
+    one of its FSDP2 forward methods where ``head`` is ``fully_shard``-ed (so FSDP all-gathers
+    the weight before it, reshards after it and reduce-scatters the weight's gradient)."""
+    if not _is_fsdp_module(head):
+        return lambda input, target, **kw: linear_cross_entropy(input, head.weight, target,
+                                                                linear_bias=getattr(head, "bias", None), **kw)
+    if _HEAD_METHOD not in head.__dict__:
+        from torch.distributed.fsdp import register_fsdp_forward_method
+
+        def method(self, input, target, **kw):
+            return linear_cross_entropy(input, self.weight, target, linear_bias=getattr(self, "bias", None), **kw)
+
+        object.__setattr__(head, _HEAD_METHOD, types.MethodType(method, head))
+        register_fsdp_forward_method(head, _HEAD_METHOD)
+    return getattr(head, _HEAD_METHOD)
 
 
 def global_num_items(target: torch.Tensor, ignore_index: int = -100, group=None) -> torch.Tensor:

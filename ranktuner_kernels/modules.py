@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ._call import check_options_of
 from .linear_loss import linear_cross_entropy
 from .token_loss import cross_entropy
 from .weightings import resolve
@@ -21,6 +22,7 @@ class TokenReweightedLoss(nn.Module):
 
     def __init__(self, weighting="sft", **options):
         super().__init__()
+        check_options_of(cross_entropy, options, fixed=("input", "target", "weighting"))
         self.weighting = resolve(weighting)
         self.options = options
 
@@ -42,6 +44,7 @@ class LinearTokenReweightedLoss(nn.Module):
 
     def __init__(self, weight: nn.Parameter, bias: nn.Parameter | None = None, weighting="sft", **options):
         super().__init__()
+        check_options_of(linear_cross_entropy, options, fixed=("input", "linear_weight", "target", "weighting"))
         self.weight, self.bias = weight, bias
         self.weighting = resolve(weighting)
         self.options = options

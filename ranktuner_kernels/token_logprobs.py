@@ -21,13 +21,10 @@ from __future__ import annotations
 
 import torch
 
-from . import _inputs
-from ._dispatch import get_backend
-from ._params import LossParams, check_options
-from .linear_loss import _Grads, _logits, _needs_grads, autocast_inputs, chunk_rows, gradient_sweep, resolve_policy
+from . import _call, _inputs
+from ._chunks import Grads, chunk_logits, gradient_sweep, needs_grads
+from ._params import LossParams
 from .reference import GradCoefs, RowStats, compute_dtype
-from .token_loss import checked_range, prepare_logits
-from .weightings import resolve
 
 
 def _coefs(g_logp, g_ent, keep):
@@ -74,7 +71,7 @@ class LinearLogProbsFunction(torch.autograd.Function):
         lse, ent = torch.zeros_like(logp), torch.zeros_like(logp)
         for start in range(0, n, params.rows):
             sl = slice(start, min(n, start + params.rows))
-            stats, _ = params.backend.row_stats(_logits(h[sl], weight, bias)[None], target[sl], params)
+            stats, _ = params.backend.row_stats(chunk_logits(h[sl], weight, bias)[None], target[sl], params)
             lse[sl], logp[sl], ent[sl] = stats.lse, stats.logp_t, stats.entropy
         ctx.save_for_backward(h, weight, bias, target, lse, logp, ent)
         ctx.params = params
@@ -86,14 +83,21 @@ class LinearLogProbsFunction(torch.autograd.Function):
         params = ctx.params
         keep = target != params.ignore_index
         coefs = _coefs(_grad_or_zero(g_logp, logp), g_ent, keep)
-        grads = _Grads(h, weight, bias, _needs_grads(ctx, bias), params.acc_policy)
+        grads = Grads(h, weight, bias, needs_grads(ctx, bias), params.acc_policy)
         stats = RowStats(lse, logp, None, None, ent, None)
         return (*gradient_sweep(params, h, weight, bias, target, stats, coefs, grads), None, None)
 
 
-def _params(backend, shape, ignore_index, softcap, temperature, **kw):
-    tr, _, _ = check_options("none", softcap, temperature, 0.0, 0.0)
-    return LossParams(resolve("sft"), backend, shape, ignore_index, "none", tr, **kw)
+def run(call: _call.Call):
+    """The one call site of :class:`LogProbsFunction` / :class:`LinearLogProbsFunction`:
+    ``(logp, entropy)`` shaped like the target."""
+    if call.linear_weight is None:
+        logp, ent = _call.checked(call, lambda: LogProbsFunction.apply(call.input, call.target, call.params))
+    else:
+        with torch.autocast(call.input.device.type, enabled=False):
+            logp, ent = _call.checked(call, lambda: LinearLogProbsFunction.apply(
+                call.input, call.linear_weight, call.linear_bias, call.target, call.params))
+    return logp.reshape(call.shape), ent.reshape(call.shape)
 
 
 @_inputs.eager
@@ -109,15 +113,8 @@ def logprobs(input: torch.Tensor, target: torch.Tensor, *, temperature: float = 
         ``(logp, entropy)``, float32 (float64 for float64 input), shaped like ``target``, 0 where
         ignored; both differentiable w.r.t. ``input``.
     """
-    ignore_index = _inputs.check_ignore_index(ignore_index)
-    logits = prepare_logits(input)
-    shape = tuple(input.shape[:-1])
-    flat = _inputs.check_target(target, shape, input, "input")
-    backend = get_backend(impl, input)
-    params = _params(backend, shape, ignore_index, softcap, temperature)
-    logp, ent = checked_range(backend, flat, input.shape[-1], ignore_index, None,
-                              lambda: LogProbsFunction.apply(logits, flat, params))
-    return logp.reshape(shape), ent.reshape(shape)
+    return run(_call.prepare("logprobs", input, target, reduction="none", temperature=temperature, softcap=softcap,
+                             ignore_index=ignore_index, impl=impl))
 
 
 @_inputs.eager
@@ -128,24 +125,6 @@ def linear_logprobs(input: torch.Tensor, linear_weight: torch.Tensor, target: to
     """:func:`logprobs` of ``input @ linear_weight.T + linear_bias`` without materialising the
     logits (``[..., D]`` hidden states, ``[V, D]`` head); gradients reach all three.
     ``chunk_size`` and ``acc_policy`` as in :func:`ranktuner_kernels.linear_cross_entropy`."""
-    ignore_index = _inputs.check_ignore_index(ignore_index)
-    _inputs.check_float("input", input)
-    _inputs.check_float("linear_weight", linear_weight, dims=(2,))
-    if input.dim() == 0 or linear_weight.shape[1] != input.shape[-1]:
-        raise ValueError(f"linear_weight: shape {tuple(linear_weight.shape)} needs [V, {input.shape[-1]}] to match input")
-    input, linear_weight, linear_bias = autocast_inputs(input, linear_weight, linear_bias)
-    for name, t in (("linear_weight", linear_weight), ("linear_bias", linear_bias)):
-        if t is not None and (t.dtype != input.dtype or t.device != input.device):
-            raise TypeError(f"{name}: dtype/device {t.dtype}/{t.device} differ from input's {input.dtype}/{input.device}")
-    shape = tuple(input.shape[:-1])
-    v_size = linear_weight.shape[0]
-    flat = _inputs.check_target(target, shape, input, "input")
-    h = input.reshape(-1, input.shape[-1])
-    policy = resolve_policy(acc_policy, linear_weight.dtype)
-    rows = chunk_rows(h.shape[0], v_size, h.shape[1], input.element_size(), chunk_size, input.device.type, False)
-    _inputs.check_range(flat, v_size, ignore_index)
-    params = _params(get_backend(impl, input), shape, ignore_index, softcap, temperature, rows=rows,
-                     acc_policy=policy)
-    with torch.autocast(input.device.type, enabled=False):
-        logp, ent = LinearLogProbsFunction.apply(h, linear_weight, linear_bias, flat, params)
-    return logp.reshape(shape), ent.reshape(shape)
+    return run(_call.prepare("linear_logprobs", input, target, linear_weight=linear_weight, linear_bias=linear_bias,
+                             reduction="none", temperature=temperature, softcap=softcap, ignore_index=ignore_index,
+                             chunk_size=chunk_size, acc_policy=acc_policy, impl=impl))

@@ -14,30 +14,12 @@ is the same kernel on the shard. ``dp_group`` makes ``"mean"`` a data-parallel m
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from . import _distributed, _inputs, _terms
-from ._dispatch import get_backend
-from ._params import LossParams, check_options
-from .reference import RowStats, compute_dtype
-from .weightings import LN2, Terms, resolve
-
-
-def forward_terms(params: LossParams, logits, target, keep, scale):
-    """``(stats, terms, z_loss, value)`` of ``[B, T, V]`` logits: the statistics, the
-    weighting's terms (fused in the Triton kernel where row-local), and the token values."""
-    backend, weighting = params.backend, params.weighting
-    stats, fused = backend.row_stats(logits, target, params, weighting, scale)
-    if fused is not None:
-        value, w, beta = fused
-        terms = Terms(value, w, beta if weighting.has_entropy_term else None)
-    else:
-        topk = backend.topk_entropy(logits, target, weighting.k, params) if weighting.needs_topk else None
-        terms = _terms.weighting_terms(params, stats, keep, scale, topk)
-    z_loss = _terms.z_loss_terms(params, stats, keep)
-    return stats, terms, z_loss, _terms.total_value(params, stats, terms, z_loss)
+from . import _call, _inputs, _terms
+from ._params import LossParams
+from .reference import RowStats
+from .weightings import Terms
 
 
 class TokenLossFunction(torch.autograd.Function):
@@ -48,7 +30,7 @@ class TokenLossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, scale, norm, params: LossParams):
         keep = target != params.ignore_index
-        stats, terms, z_loss, value = forward_terms(params, logits, target, keep, scale)
+        stats, terms, z_loss, value = _terms.forward_terms(params, logits, target, keep, scale)
         loss = _terms.reduce(value, params.reduction, norm, params.shape)
         ctx.save_for_backward(logits, target, stats.lse, stats.logp_t, stats.entropy, stats.logit_mean,
                               terms.w, terms.beta, norm)
@@ -79,75 +61,10 @@ class TokenLossFunction(torch.autograd.Function):
         return out, None, None, None, None
 
 
-def stats_dict(shape, keep, w, z_loss, stats: RowStats):
-    """The per-token statistics returned by ``return_stats=True`` / ``token_stats``, shaped like
-    the target. Ignored positions: NaN in every float statistic, ``rank`` 0, ``accuracy``
-    False, ``weight`` and ``z_loss`` 0 (what they contributed)."""
-
-    def nan_ignored(x):
-        return torch.where(keep, x, math.nan)
-
-    out = {
-        "p_t": nan_ignored(stats.logp_t.exp()),
-        "logp_t": nan_ignored(stats.logp_t),
-        "entropy": nan_ignored(stats.entropy),
-        "entropy_bits": nan_ignored(stats.entropy / LN2),
-        "p_max": nan_ignored(stats.p_max),
-        "rank": stats.rank,
-        "lse": nan_ignored(stats.lse),
-        "accuracy": keep & (stats.target_logit >= stats.max_logit),
-    }
-    if w is not None:
-        out["weight"] = w
-    if z_loss is not None:
-        out["z_loss"] = z_loss
-    return {k: v.reshape(shape) for k, v in out.items()}
-
-
-def prepare_logits(input: torch.Tensor):
-    """``[V]``, ``[N, V]``, ``[B, T, V]`` or ``[B, d1, ..., V]`` -> a ``[B, T, V]`` view with unit
-    last stride (copies only when the last stride is not 1, or to flatten ``d1, ...``)."""
-    if isinstance(input, torch.Tensor) and input.dim() == 0:
-        raise ValueError("input: expected logits with the class dimension last, got a 0-D tensor")
-    _inputs.check_float("input", input)
-    if input.shape[-1] == 0:
-        raise ValueError("input: the vocabulary (last) dimension is empty")
-    if input.dim() < 3:
-        logits = input.reshape((1,) * (3 - input.dim()) + tuple(input.shape))
-    else:
-        logits = input.reshape(input.shape[0], -1, input.shape[-1])
-    if logits.stride(-1) != 1:
-        logits = logits.contiguous()
-    return logits
-
-
-def checked_range(backend, flat_target, v_size, ignore_index, num_items, compute, checked=False):
-    """``compute()`` with the target range checked: before it on the reference (torch's
-    indexing would fail first), after it on the Triton path, whose kernels clamp the index
-    they load: the check's read-back then waits on work that was queued anyway. ``checked``:
-    the caller checked already (a vocabulary shard's targets are shard-local by now)."""
-    if backend.name == "reference" and not checked:
-        _inputs.check_range(flat_target, v_size, ignore_index, num_items)
-    out = compute()
-    if backend.name == "triton" and not checked:
-        _inputs.check_range(flat_target, v_size, ignore_index, num_items)
-    return out
-
-
-def _shard(process_group, v_local, flat_target, vocab_offset, vocab_size, device):
-    """The vocabulary shard of a vocabulary-parallel call, else None."""
-    if process_group is None:
-        if vocab_offset is not None or vocab_size is not None:
-            raise ValueError("vocab_offset / vocab_size: only with process_group (a vocabulary shard)")
-        return None
-    return _distributed.vocab_shard(process_group, v_local, flat_target, vocab_offset, vocab_size, device)
-
-
-def normaliser(reduction, keep, num_items_in_batch, dtype, weight_per_token, dp_group):
-    """The divisor of ``"mean"`` (over a data-parallel group where given)."""
-    if dp_group is None:
-        return _inputs.normaliser(reduction, keep, num_items_in_batch, dtype, weight_per_token)
-    return _distributed.normaliser(reduction, keep, num_items_in_batch, dtype, weight_per_token, dp_group)
+def run(call: _call.Call):
+    """The one call site of :class:`TokenLossFunction`: ``(loss, w, z_loss, *RowStats)``."""
+    return _call.checked(call, lambda: TokenLossFunction.apply(call.input, call.target, call.scale, call.norm,
+                                                               call.params))
 
 
 def _legacy(size_average, reduce):
@@ -231,38 +148,15 @@ def cross_entropy(
         ``"none"``; and the stats dict if asked.
     """
     _legacy(size_average, reduce)
-    input, process_group = _distributed.vocab_local(input, -1, "input", process_group)
-    target = _distributed.replicated(target, "target")
-    weighting = resolve(weighting)
-    ignore_index = _inputs.check_ignore_index(ignore_index)
-    tr, label_smoothing, z_loss = check_options(reduction, softcap, temperature, label_smoothing, z_loss)
-    logits = prepare_logits(input)
-    shape = tuple(input.shape[:-1])
-    flat_target = _inputs.check_target(target, shape, input, "input")
-    shard = _shard(process_group, input.shape[-1], flat_target, vocab_offset, vocab_size, input.device)
-    v_size = input.shape[-1] if shard is None else shard.v_global
-    scale = _inputs.caller_scale(token_weight, sequence_weight, shape, input)
-    cw = _inputs.class_weight(weight, v_size, flat_target, ignore_index, input)
-    if cw is not None:
-        if label_smoothing > 0:
-            raise ValueError("weight: a class weight with label_smoothing is not supported")
-        scale = cw if scale is None else scale * cw
-    if inplace_backward and torch._debug_has_internal_overlap(logits) != 0:
-        raise ValueError("input: inplace_backward=True needs logits whose elements do not share memory "
-                         "(this one is expanded or overlapping)")
-    backend = get_backend(impl, input)
-    keep = flat_target != ignore_index
-    norm = normaliser(reduction, keep, num_items_in_batch, compute_dtype(input.dtype), cw, dp_group)
-    params = LossParams(weighting, backend, shape, ignore_index, reduction, tr, label_smoothing, z_loss,
-                        inplace_backward=inplace_backward, shard=shard, dp_group=dp_group)
-    if shard is not None:  # checked once against the whole vocabulary, then shard-local indices
-        _inputs.check_range(flat_target, v_size, ignore_index, num_items_in_batch)
-        flat_target = _distributed.local_target(flat_target, shard, ignore_index)
-    loss, w, zl, *stats = checked_range(backend, flat_target, v_size, ignore_index, num_items_in_batch,
-                                        lambda: TokenLossFunction.apply(logits, flat_target, scale, norm, params),
-                                        checked=shard is not None)
+    call = _call.prepare(
+        "cross_entropy", input, target, weighting=weighting, weight=weight, ignore_index=ignore_index,
+        reduction=reduction, label_smoothing=label_smoothing, softcap=softcap, temperature=temperature, z_loss=z_loss,
+        num_items_in_batch=num_items_in_batch, token_weight=token_weight, sequence_weight=sequence_weight,
+        inplace_backward=inplace_backward, impl=impl, process_group=process_group, vocab_offset=vocab_offset,
+        vocab_size=vocab_size, dp_group=dp_group)
+    loss, w, zl, *stats = run(call)
     if return_stats:
-        return loss, stats_dict(shape, keep, w, zl, RowStats(*stats))
+        return loss, _terms.stats_dict(call.shape, call.keep, w, zl, RowStats(*stats))
     return loss
 
 
@@ -274,22 +168,9 @@ def token_stats(input: torch.Tensor, target: torch.Tensor, *, ignore_index: int 
     ``lse`` and ``accuracy`` shaped like ``target``, without a loss (no gradient; O(N) memory).
     Ignored positions hold NaN (``rank`` 0, ``accuracy`` False). ``process_group``,
     ``vocab_offset``, ``vocab_size``: a vocabulary shard, as in :func:`cross_entropy`."""
-    input, process_group = _distributed.vocab_local(input, -1, "input", process_group)
-    target = _distributed.replicated(target, "target")
-    ignore_index = _inputs.check_ignore_index(ignore_index)
-    tr, _, _ = check_options("none", softcap, temperature, 0.0, 0.0)
-    logits = prepare_logits(input)
-    shape = tuple(input.shape[:-1])
-    flat_target = _inputs.check_target(target, shape, input, "input")
-    shard = _shard(process_group, input.shape[-1], flat_target, vocab_offset, vocab_size, input.device)
-    keep = flat_target != ignore_index
-    if shard is not None:
-        _inputs.check_range(flat_target, shard.v_global, ignore_index)
-        flat_target = _distributed.local_target(flat_target, shard, ignore_index)
-    backend = get_backend(impl, input)
-    params = LossParams(resolve("sft"), backend, shape, ignore_index, transform=tr, shard=shard)
+    call = _call.prepare("token_stats", input, target, ignore_index=ignore_index, reduction="none", softcap=softcap,
+                         temperature=temperature, impl=impl, process_group=process_group, vocab_offset=vocab_offset,
+                         vocab_size=vocab_size)
     with torch.no_grad():
-        stats, _ = checked_range(backend, flat_target, input.shape[-1], ignore_index, None,
-                                 lambda: backend.row_stats(logits, flat_target, params), checked=shard is not None)
-    return stats_dict(shape, keep, None, None, stats)
-
+        stats, _ = _call.checked(call, lambda: call.params.backend.row_stats(call.input, call.target, call.params))
+    return _terms.stats_dict(call.shape, call.keep, None, None, stats)

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import Callable, NamedTuple, Optional
 
 import torch
 
@@ -35,12 +35,15 @@ class Batch(NamedTuple):
 
     ``keep``: ``[N]`` bool, the non-ignored tokens; ``shape``: the target's shape
     (``(N,)`` or ``(B, T)``); ``topk_entropy``: ``[N]`` entropy of the top-K softmax,
-    present only for weightings with ``needs_topk``.
+    present only for weightings with ``needs_topk``; ``gather``: the group hook of a
+    batch-level statistic, a function that concatenates a 1-D tensor over the data-parallel
+    group (``dp_group=``), or None when this process holds the whole batch.
     """
 
     keep: torch.Tensor
     shape: tuple
     topk_entropy: Optional[torch.Tensor] = None
+    gather: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
 
 
 class Terms(NamedTuple):
@@ -188,7 +191,9 @@ class RankTuner(Weighting):
 class TALR(Weighting):
     """``w = max(max(p_t, 1e-6)^{1/tau}, w_min)``; ``tau`` is the median over the
     batch's sequences of each sequence's mean NLL (sequences with no token left out;
-    the median of an even count is the mean of the two middle values), unless given."""
+    the median of an even count is the mean of the two middle values), unless given. Under
+    data parallelism the batch is the group's: the sequences' means go through
+    ``batch.gather`` before the median."""
 
     w_min: float = 0.01
     tau: Optional[float] = None
@@ -220,7 +225,10 @@ class TALR(Weighting):
     def temperature(self, stats: RowStats, batch: Batch) -> torch.Tensor:
         if self.tau is not None:
             return torch.tensor(float(self.tau), dtype=stats.logp_t.dtype, device=stats.logp_t.device)
-        return self.median(self.sequence_means(stats, batch), stats.logp_t)
+        means = self.sequence_means(stats, batch)
+        if batch.gather is not None:
+            means = batch.gather(means)
+        return self.median(means, stats.logp_t)
 
     def terms(self, stats, batch):
         tau = self.temperature(stats, batch)

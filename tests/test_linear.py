@@ -121,7 +121,7 @@ def test_gpu_large_head(name):
 @pytest.mark.gpu
 def test_gpu_memory_bound():
     """Peak memory above the inputs stays within the documented formula."""
-    from ranktuner_kernels.linear_loss import CHUNK_BYTES
+    from ranktuner_kernels._chunks import CHUNK_BYTES
 
     n, d, v = 16384, 1024, 65536  # bf16 logits would be 2 GiB
     h, w, _, target = make_head((n,), d, v, torch.bfloat16, False)
@@ -140,12 +140,12 @@ def test_gpu_memory_bound():
 def test_no_grad_forms_no_gradients(monkeypatch):
     """Under torch.no_grad() the forward computes the loss only (ctx.needs_input_grad still
     reports the inputs' requires_grad there)."""
-    from ranktuner_kernels import linear_loss
+    from ranktuner_kernels import _chunks
 
     h, w, b, target = make_head((7,), 16, 100, torch.float32, True)
     h.requires_grad_(), w.requires_grad_()
     calls = []
-    monkeypatch.setattr(linear_loss._Grads, "add_chunk", lambda *a: calls.append(a))
+    monkeypatch.setattr(_chunks.Grads, "add_chunk", lambda *a: calls.append(a))
     with torch.no_grad():
         loss = rk.linear_cross_entropy(h, w, target, linear_bias=b, chunk_size=3)
     assert not calls
@@ -180,12 +180,12 @@ def test_bf16_gradients_within_twice_torchs_error(impl, policy, upstream):
 def test_upstream_gradient_rule(monkeypatch):
     """Formed in forward for an upstream 1: a power-of-two upstream scales them (exact), any
     other recomputes the chunks in backward with it."""
-    from ranktuner_kernels import linear_loss
+    from ranktuner_kernels import _chunks
 
     h, w, _, target = make_head((12,), 8, 40, torch.bfloat16, False)
     calls = []
-    real = linear_loss._Grads.add_chunk
-    monkeypatch.setattr(linear_loss._Grads, "add_chunk", lambda self, *a: (calls.append(1), real(self, *a)))
+    real = _chunks.Grads.add_chunk
+    monkeypatch.setattr(_chunks.Grads, "add_chunk", lambda self, *a: (calls.append(1), real(self, *a)))
     for upstream, chunks in ((1.0, 3), (4.0, 3), (0.37, 6)):
         calls.clear()
         hh, ww = (t.detach().requires_grad_() for t in (h, w))
@@ -194,7 +194,7 @@ def test_upstream_gradient_rule(monkeypatch):
 
 
 def test_acc_policy_and_chunk_rule():
-    from ranktuner_kernels.linear_loss import CHUNK_BYTES, chunk_rows, resolve_policy
+    from ranktuner_kernels._chunks import CHUNK_BYTES, chunk_rows, resolve_policy
 
     assert resolve_policy("auto", torch.bfloat16) == "compact"
     assert resolve_policy("accurate", torch.float16) == "accurate"

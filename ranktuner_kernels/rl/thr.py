@@ -25,9 +25,9 @@ The rule (THR appendix D.2 and B):
 follows the NTHR influence heuristic by default (``tau="nthr"``): per group, ``β`` times the
 smallest, over the correct responses, of the mean THR of a response's tokens.
 
-Nothing here materialises ``N × V`` probabilities: :func:`thr_pair_sums` dispatches to the
-Triton kernel (``ranktuner_kernels.kernels.thr``) on CUDA, or to the streaming torch version
-(``ranktuner_kernels.reference.thr``) otherwise. Everything runs without gradient.
+Nothing here materialises ``N × V`` probabilities: :func:`thr_pair_sums` dispatches through the
+losses' ``Backend`` to the Triton kernel (``ranktuner_kernels.kernels.thr``) on CUDA, or to the
+streaming torch version (``ranktuner_kernels.reference.thr``) otherwise. Everything runs without gradient.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import math
 
 import torch
 
-from .._dispatch import pick_impl
+from .._dispatch import get_backend
 
 __all__ = ["token_hidden_reward", "thr_advantages", "thr_guided_advantages", "thr_pair_sums"]
 
@@ -44,13 +44,13 @@ IMPLS = ("auto", "triton", "reference", "naive")
 NORMALIZE = ("none", "length")
 
 
-def _pick_impl(impl: str, logits: torch.Tensor) -> str:
-    """The losses' dispatch (``auto``/``triton``/``reference``), plus ``"naive"``."""
+def _backend(impl: str, logits: torch.Tensor):
+    """The losses' ``Backend`` (``auto``/``triton``/``reference``), or None for ``"naive"``."""
     if impl == "naive":
-        return impl
+        return None
     if impl not in IMPLS:
         raise ValueError(f"impl: expected one of {IMPLS}, got {impl!r}")
-    return pick_impl(impl, logits)
+    return get_backend(impl, logits)
 
 
 def _as_rows(logits: torch.Tensor) -> torch.Tensor:
@@ -71,20 +71,12 @@ def thr_pair_sums(logits, tokens, u_rows, u_group, o_rows, o_group, o_weight, hi
     (materialised oracle, small sizes only) or ``"auto"`` (Triton on CUDA). Returns float32
     (float64 on the torch paths for float64 logits).
     """
-    use = _pick_impl(impl, logits)
-    if use == "triton":
-        from ranktuner_kernels.kernels.thr import thr_pair_sums as kernel_sums
+    backend = _backend(impl, logits)
+    if backend is None:
+        from ranktuner_kernels.reference import thr as ref
 
-        if logits.stride(-1) != 1:
-            logits = logits.contiguous()
-        return kernel_sums(logits, tokens, u_rows, u_group, o_rows, o_group, o_weight, hidden,
-                           lse=lse, precision=precision)
-    from ranktuner_kernels.reference import thr as ref
-
-    rows = _as_rows(logits)
-    if use == "naive":
-        return ref.thr_pair_sums_naive(rows, tokens, u_rows, u_group, o_rows, o_group, o_weight, hidden)
-    return ref.thr_pair_sums(rows, tokens, u_rows, u_group, o_rows, o_group, o_weight, hidden, lse=lse)
+        return ref.thr_pair_sums_naive(_as_rows(logits), tokens, u_rows, u_group, o_rows, o_group, o_weight, hidden)
+    return backend.thr_pair_sums(logits, tokens, u_rows, u_group, o_rows, o_group, o_weight, hidden, lse, precision)
 
 
 def _validate(logits, tokens, correct, group_index, mask, hidden, ignore_index):
@@ -298,21 +290,10 @@ def thr_guided_advantages(
     ``entropy`` (``[B, T]``) to :func:`thr_advantages`' dict."""
     keep, group_index, correct = _validate(logits, tokens, correct, group_index, mask, hidden, ignore_index)
     b, t, _ = logits.shape
-    use = _pick_impl(impl, logits)
+    backend = _backend(impl, logits)
+    use = "naive" if backend is None else backend.name  # the statistics pass: the reference for "naive"
     rows = torch.arange(b * t, device=logits.device)[keep.reshape(-1)]
-    if use == "triton":
-        from ranktuner_kernels.kernels.thr import row_lse_entropy
-    else:
-        from ranktuner_kernels.reference.thr import row_lse_entropy
-    if use == "triton":
-        if logits.stride(-1) != 1:
-            logits = logits.contiguous()
-        lse, ent = row_lse_entropy(logits, rows)
-    else:
-        lse_k, ent_k = row_lse_entropy(_as_rows(logits), rows)
-        lse = torch.zeros(b * t, dtype=lse_k.dtype, device=logits.device)
-        ent = torch.zeros_like(lse)
-        lse[rows], ent[rows] = lse_k, ent_k
+    lse, ent = (backend or get_backend("reference", logits)).row_lse_entropy(logits, rows)
     thr = token_hidden_reward(logits, tokens, correct, group_index, mask=keep, hidden=hidden, normalize=normalize,
                               ignore_index=ignore_index, lse=lse, impl=use, precision=precision)
     entropy = ent.view(b, t)
