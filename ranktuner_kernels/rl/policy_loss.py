@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import torch
 
+from .._inputs import check_num_items, divisor
+
 __all__ = ["policy_loss", "aggregate", "AGGREGATIONS", "RATIOS"]
 
 AGGREGATIONS = ("token-mean", "seq-mean-token-mean", "seq-mean-token-sum")
@@ -46,29 +48,27 @@ def aggregate(values: torch.Tensor, mask: torch.Tensor, mode: str = "token-mean"
       (sequences with no kept token left out).
 
     ``num_items_in_batch`` replaces the outer divisor (the token count for ``"token-mean"``, the
-    sequence count otherwise), for gradient accumulation or data parallelism. Nothing kept:
-    0, with a zero gradient.
+    sequence count otherwise), for gradient accumulation or data parallelism, by the losses'
+    rule: 0 divides by 1, NaN gives NaN, a negative number raises (a tensor's sign is not read
+    back here: no synchronisation). Nothing kept: 0, with a zero gradient.
     """
     if mode not in AGGREGATIONS:
         raise ValueError(f"aggregation: expected one of {AGGREGATIONS}, got {mode!r}")
+    num_items_in_batch = check_num_items(num_items_in_batch)
     keep = mask != 0
     m = keep.to(values.dtype)
     values = torch.where(keep, values, values.new_zeros(()))
     if mode == "token-mean":
         total = values.sum()
-        denom = m.sum() if num_items_in_batch is None else num_items_in_batch
+        count = m.sum()
     else:
         per_seq = values.sum(dim=-1)
         n_tok = m.sum(dim=-1)
         if mode == "seq-mean-token-mean":
             per_seq = per_seq / n_tok.clamp_min(1)
         total = per_seq.sum()  # sequences with no kept token contribute 0
-        denom = (n_tok > 0).sum() if num_items_in_batch is None else num_items_in_batch
-    if isinstance(denom, torch.Tensor):
-        denom = denom.to(values.dtype).clamp_min(1)
-    elif denom <= 0:
-        raise ValueError(f"num_items_in_batch: expected a positive number, got {denom}")
-    return total / denom
+        count = (n_tok > 0).sum()
+    return total / divisor(count, num_items_in_batch, values.dtype, values.device)
 
 
 def _masked_mean(x, m):
