@@ -19,6 +19,11 @@ row statistic of SPEC merges across shards, so per row block:
 Data parallel (``dp_group=``): ``reduction="mean"`` divides by the group's number of kept
 tokens over the group's size, so that averaging over the ranks (what DDP and FSDP do to
 gradients) gives the single-process mean; TALR's median runs over the group's sequences.
+
+A layer over the core: the call preparation (``_call``) chooses it once per call, wrapping the
+backend in :class:`ShardedBackend` on a vocabulary shard, and handing the weighting the group
+hook :func:`batch_gather` (``weightings.Batch.gather``) under ``dp_group``. Nothing below this
+module imports it.
 """
 
 from __future__ import annotations

@@ -21,7 +21,8 @@ backward scales the stored gradients when the upstream gradient is a power of tw
 else recomputes them with it (8 N D V in all), so no upstream gradient costs an extra
 rounding. TALR (batch-level) and ``reduction="none"`` recompute in backward.
 
-Chunk rule (:func:`chunk_rows`): ``C = chunk_size`` if given, else as many rows as fit in
+Chunk rule (:func:`ranktuner_kernels._chunks.chunk_rows`, the chunk machinery shared with
+``token_logprobs``): ``C = chunk_size`` if given, else as many rows as fit in
 ``CHUNK_BYTES`` of logits (CUDA: 240 MiB, so the weight-gradient GEMM of a chunk,
 ``2 C V D`` FLOPs over ``4 V D`` bytes of ``dW`` traffic, runs at ``C / 2`` FLOP/byte, above an
 H100's ridge point (~300) for ``V`` up to ~200k; CPU: 32 MiB), or, with ``"accurate"``
