@@ -5,7 +5,8 @@
     loss = rk.cross_entropy(logits, target, weighting="ranktuner")
     loss = rk.linear_cross_entropy(hidden, lm_head.weight, target, weighting=rk.DFT())
 
-Weightings and their math: ``docs/SPEC.md`` and :mod:`ranktuner_kernels.weightings`.
+Weightings and their math: ``docs/SPEC.md`` and :mod:`ranktuner_kernels.weightings` (its
+registry ``WEIGHTINGS`` is the one list of them; their classes are exported here).
 The pure-torch reference is :mod:`ranktuner_kernels.reference`; the Triton kernels are
 :mod:`ranktuner_kernels.kernels` (imported on first use, so Triton is optional on CPU).
 In the wheel both live inside this package; in a source checkout, ``pip install -e .`` maps
@@ -19,19 +20,11 @@ from .linear_loss import linear_cross_entropy
 from .token_logprobs import linear_logprobs, logprobs
 from .modules import LinearTokenReweightedLoss, TokenReweightedLoss
 from .token_loss import cross_entropy, token_stats
-from .weightings import (
-    DFT,
-    EAFT,
-    SFT,
-    TALR,
-    AlphaPower,
-    EntropyReg,
-    Focal,
-    OverTone,
-    RankTuner,
-    Threshold,
-    Weighting,
-)
+from .weightings import WEIGHTINGS as _WEIGHTINGS
+from .weightings import Weighting
+
+# Every registered weighting's class, exported under its class name (rk.RankTuner, ...).
+globals().update({_cls.__name__: _cls for _cls in _WEIGHTINGS.values()})
 
 __version__ = "0.2.0"
 
@@ -49,14 +42,17 @@ __all__ = [
     "LinearTokenReweightedLoss",
     "weightings",
     "Weighting",
-    "SFT",
-    "DFT",
-    "RankTuner",
-    "TALR",
-    "EAFT",
-    "OverTone",
-    "AlphaPower",
-    "Threshold",
-    "EntropyReg",
-    "Focal",
+    *(_cls.__name__ for _cls in _WEIGHTINGS.values()),
 ]
+
+
+def __getattr__(name):
+    """A weighting class registered after the import (``rk.weightings.register``), by its class name."""
+    for cls in _WEIGHTINGS.values():
+        if cls.__name__ == name:
+            return cls
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | {cls.__name__ for cls in _WEIGHTINGS.values()})
