@@ -13,9 +13,8 @@ In the wheel both live inside this package; in a source checkout, ``pip install 
 them the same way.
 """
 
-from . import distributed, rl, weightings
-from .diagnostics import noise_sensitivity
-from .inspection import inspect
+from . import analysis, distributed, rl, weightings
+from .analysis import inspect, noise_sensitivity
 from .linear_loss import linear_cross_entropy
 from .token_logprobs import linear_logprobs, logprobs
 from .modules import LinearTokenReweightedLoss, TokenReweightedLoss
@@ -36,6 +35,7 @@ __all__ = [
     "linear_logprobs",
     "rl",
     "distributed",
+    "analysis",
     "inspect",
     "noise_sensitivity",
     "TokenReweightedLoss",

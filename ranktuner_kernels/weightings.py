@@ -140,6 +140,26 @@ def unregister(name: str) -> type:
         raise ValueError(f"unregister: no weighting named {name!r}") from None
 
 
+def expected_rank_bound(entropy_bits: torch.Tensor, p_max: torch.Tensor) -> torch.Tensor:
+    """``s(H)`` (RankTuner paper Eq. 5, SPEC.md): ``2^{H_bits}/4 + 1`` where ``H_bits >= 2``,
+    else ``2 - p_max``; a lower bound on the expected rank ``E[R] = sum_i i p_(i)``. NaN stays
+    NaN. The one place ``s(H)`` is written (the RankTuner weight and the token inspector's
+    Relative Rank Indicator use it)."""
+    return torch.where(entropy_bits >= 2, torch.exp2(entropy_bits) / 4 + 1, 2 - p_max)
+
+
+def describe(weighting) -> str:
+    """A weighting as text: a name as given (``"dft"``); a config as its class with the
+    options that differ from their defaults (``"RankTuner(w0='one')"``, ``"SFT()"``)."""
+    if isinstance(weighting, str):
+        return weighting
+    if dataclasses.is_dataclass(weighting):
+        changed = [f"{f.name}={getattr(weighting, f.name)!r}" for f in dataclasses.fields(weighting)
+                   if f.init and (f.default is dataclasses.MISSING or getattr(weighting, f.name) != f.default)]
+        return f"{type(weighting).__name__}({', '.join(changed)})"
+    return str(getattr(weighting, "name", None) or type(weighting).__name__)
+
+
 def _nll_weighted(stats: RowStats, w: torch.Tensor) -> Terms:
     return Terms(w * (-stats.logp_t), w, None)
 
@@ -213,8 +233,7 @@ class RankTuner(Weighting):
 
     def relative_scale_terms(self, stats: RowStats):
         """``(log s(H), xi, K)`` per token."""
-        h_bits = stats.entropy / LN2
-        s = torch.where(h_bits >= 2, torch.exp2(h_bits) / 4 + 1, 2 - stats.p_max)
+        s = expected_rank_bound(stats.entropy / LN2, stats.p_max)
         r = stats.rank.to(s.dtype)
         if self.xi == "max":
             xi = torch.maximum(r, s)
