@@ -13,14 +13,20 @@ In the wheel both live inside this package; in a source checkout, ``pip install 
 them the same way.
 """
 
-from . import analysis, distributed, rl, weightings
-from .analysis import inspect, noise_sensitivity
-from .linear_loss import linear_cross_entropy
-from .token_logprobs import linear_logprobs, logprobs
-from .modules import LinearTokenReweightedLoss, TokenReweightedLoss
-from .token_loss import cross_entropy, token_stats
-from .weightings import WEIGHTINGS as _WEIGHTINGS
-from .weightings import Weighting
+import importlib.util as _importlib_util
+
+if _importlib_util.find_spec(__name__ + ".reference") is None:  # reference/ is mapped in by the install
+    raise ImportError(f"{__name__} is imported from a source checkout ({__path__[0]}) that is not installed: "
+                      "run `pip install -e .` in the checkout's root first.")
+
+from . import analysis, distributed, rl, weightings  # noqa: E402
+from .analysis import inspect, noise_sensitivity  # noqa: E402
+from .linear_loss import linear_cross_entropy  # noqa: E402
+from .token_logprobs import linear_logprobs, logprobs  # noqa: E402
+from .modules import LinearTokenReweightedLoss, TokenReweightedLoss  # noqa: E402
+from .token_loss import cross_entropy, token_stats  # noqa: E402
+from .weightings import WEIGHTINGS as _WEIGHTINGS  # noqa: E402
+from .weightings import Weighting  # noqa: E402
 
 # Every registered weighting's class, exported under its class name (rk.RankTuner, ...).
 globals().update({_cls.__name__: _cls for _cls in _WEIGHTINGS.values()})
