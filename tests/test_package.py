@@ -89,3 +89,16 @@ def test_the_readme_set_up_reads_top_to_bottom():
     cpu = text.index("pip install torch --index-url https://download.pytorch.org/whl/cpu")
     assert cpu < text.index("<!-- demo-command -->") < text.index("<!-- test-command -->")
     assert "The suite takes minutes" in text
+
+
+def test_every_subpackage_is_in_the_wheel_list():
+    """``pyproject.toml``'s packages list names every subpackage of ``ranktuner_kernels`` (a
+    missing one is silently left out of the wheel)."""
+    import pathlib
+    import re
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    listed = set(re.findall(r'"(ranktuner_kernels[\w.]*)"', (root / "pyproject.toml").read_text().split("[tool.setuptools]")[1].split("[tool.setuptools.package-dir]")[0]))
+    found = {"ranktuner_kernels." + ".".join(p.parent.relative_to(root / "ranktuner_kernels").parts)
+             for p in (root / "ranktuner_kernels").rglob("__init__.py") if p.parent != root / "ranktuner_kernels"}
+    assert found and found <= listed, found - listed
