@@ -26,7 +26,20 @@ import torch
 from bench import common
 
 HEADS = {"qwen2.5-7b": (3584, 152064), "llama-3-8b": (4096, 128256)}
-ALL_WEIGHTINGS = ("sft", "dft", "ranktuner", "talr", "eaft", "overtone", "alpha_power", "threshold", "entropy_reg", "focal")
+
+
+def all_weightings():
+    """Every weighting of the registry (``rk.weightings.WEIGHTINGS``), in its order."""
+    import ranktuner_kernels as rk
+
+    return tuple(rk.weightings.WEIGHTINGS)
+
+
+def row_local_weightings():
+    """The registry's row-local weightings (their formula runs inside the statistics kernel)."""
+    import ranktuner_kernels as rk
+
+    return tuple(name for name, cls in rk.weightings.WEIGHTINGS.items() if cls().row_local)
 
 
 def linear_floor_ms(n, d, v, ceil):
@@ -178,7 +191,6 @@ def plots(results, out_dir):
 
 
 FRONTIER_CHUNKS = (128, 256, 512, 1024, 2048, 4096)
-ROW_LOCAL = ("sft", "dft", "ranktuner", "overtone", "alpha_power", "threshold", "entropy_reg", "focal")
 
 
 def frontier_impls(weightings):
@@ -288,7 +300,7 @@ def main(argv=None):
         shown = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items() if k != "fwd_bwd_all_ms"}
         print(json.dumps(shown), flush=True)
 
-    weightings = ALL_WEIGHTINGS if args.all_weightings else ("sft", "ranktuner")
+    weightings = all_weightings() if args.all_weightings else ("sft", "ranktuner")
     if args.suite == "headline":
         for head in args.heads.split(","):
             d, v = HEADS[head]
@@ -297,7 +309,7 @@ def main(argv=None):
                 results["rows"] += bench_logits(args.tokens, v, common.logits_impls(weightings), ceil, args.reps, args.warmup, log)
     elif args.suite == "frontier":
         d, v = HEADS["qwen2.5-7b"]
-        names = ROW_LOCAL if args.all_weightings else ("sft", "ranktuner")
+        names = row_local_weightings() if args.all_weightings else ("sft", "ranktuner")
         results["rows"] += bench_linear(args.tokens, d, v, frontier_impls(names), ceil, args.reps, args.warmup, log)
         results["rows"] += grad_errors(2048, d, v, log)
     else:

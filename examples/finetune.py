@@ -33,7 +33,7 @@ Everything is generated here with a fixed seed; nothing is downloaded.
    training response under the ranktuner-fine-tuned model. Files go to ``--out-dir``
    (``examples/results``): ``finetune_curves.png``, ``inspect_ranktuner.{html,png}``,
    ``results.json``, checkpoints ``tiny_lm_<name>.pt`` (loadable by
-   ``python -m ranktuner_kernels.inspect --model examples/tiny_lm.py:load_checkpoint``).
+   ``python -m ranktuner_kernels.analysis.cli --model examples/tiny_lm.py:load_checkpoint``).
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from tiny_lm import CharTokenizer, TinyLM, TinyLMConfig, save_checkpoint  # noqa: E402
 
 import ranktuner_kernels as rk  # noqa: E402
-from ranktuner_kernels.diagnostics import insert_at_midpoint, noise_sensitivity  # noqa: E402
+from ranktuner_kernels.analysis.noise_metric import insert_at_midpoint, noise_sensitivity  # noqa: E402
 
 try:
     from tqdm.auto import tqdm
@@ -476,9 +476,6 @@ def run(cfg: Config, quiet: bool = False, progress: bool | None = None) -> dict:
 
     # token inspection of one corrupted training response under the ranktuner model
     if cfg.save and "ranktuner" in models:
-        inspect_fn = getattr(rk, "inspect", None)
-        if not callable(inspect_fn):
-            from ranktuner_kernels.inspection import inspect as inspect_fn
         model.load_state_dict(models["ranktuner"])
         p, r, _ = next(e for e in ft if e[2])
         ids = [tok.bos_id] + tok.encode(p) + tok.encode(r) + [tok.eos_id]
@@ -489,7 +486,7 @@ def run(cfg: Config, quiet: bool = False, progress: bool | None = None) -> dict:
             import matplotlib  # noqa: F401
         except ImportError:
             png_path = None
-        inspect_fn(model, ids, tok.token_strings(ids), labels=labels, weighting=rk.RankTuner(), html=html_path,
+        rk.inspect(model, ids, tok.token_strings(ids), labels=labels, weighting=rk.RankTuner(), html=html_path,
                    png=png_path, png_rows=("p_t", "entropy", "indicator", "weight"), line_chars=60,
                    title="Tiny LM (ranktuner-fine-tuned) on a corrupted training response",
                    print_table=False)

@@ -10,7 +10,7 @@ Checkpoints (:func:`save_checkpoint`) hold the config, the tokenizer's alphabet 
 weights. :func:`load_checkpoint` is also the loader that the token inspector's command line
 uses::
 
-    python -m ranktuner_kernels.inspect --model examples/tiny_lm.py:load_checkpoint \\
+    python -m ranktuner_kernels.analysis.cli --model examples/tiny_lm.py:load_checkpoint \\
         --checkpoint examples/results/tiny_lm_ranktuner.pt --prompt "12+7-3=?" --text "..."
 """
 
@@ -184,7 +184,7 @@ def save_checkpoint(path, model: TinyLM, tokenizer: CharTokenizer, **extra) -> N
 def load_checkpoint(path, map_location="cpu") -> dict:
     """``{"model", "tokenizer", "encode", "decode", "token_strings", "bos_id"}`` from a file
     written by :func:`save_checkpoint`; the dict is the loader protocol of
-    ``python -m ranktuner_kernels.inspect --model examples/tiny_lm.py:load_checkpoint``."""
+    ``python -m ranktuner_kernels.analysis.cli --model examples/tiny_lm.py:load_checkpoint``."""
     ckpt = torch.load(path, map_location=map_location, weights_only=True)
     tok = CharTokenizer(ckpt["alphabet"])
     model = TinyLM(TinyLMConfig(**ckpt["config"]))

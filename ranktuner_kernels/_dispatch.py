@@ -89,7 +89,7 @@ class Backend:
             return reference.row_stats(logits, target, params.ignore_index, params.transform, with_mean), None
         formula = None
         if weighting is not None and weighting.row_local:
-            formula = getattr(self.kernels.weightings, weighting.name)
+            formula = weighting.kernel_formula(self.kernels.weightings)
         stats, terms = self.kernels.row_stats(
             logits, target, params.ignore_index, *params.transform, with_mean, formula,
             weighting.kernel_args() if formula is not None else ((0.0, 0.0), (None,) * 4),

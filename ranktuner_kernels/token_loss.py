@@ -115,9 +115,8 @@ def cross_entropy(
             ``"none"`` (per-token values shaped like ``target``, 0 where ignored).
         label_smoothing: ``eps`` in ``[0, 1]``, as ``F.cross_entropy`` defines it; with a
             weighting, the smoothing term is weighted by the token's ``w`` (SPEC).
-        weighting: a name (``"sft"``, ``"ranktuner"``, ``"dft"``, ``"talr"``, ``"eaft"``,
-            ``"overtone"``, ``"alpha_power"``, ``"threshold"``, ``"entropy_reg"``, ``"focal"``)
-            or a config such as ``rk.RankTuner(xi="geo")``.
+        weighting: a name of the registry ``rk.weightings.WEIGHTINGS`` (default ``"sft"``; the
+            README's table of objectives lists them) or a config such as ``rk.RankTuner(xi="geo")``.
         softcap: Gemma-2 final-logit soft-capping ``z -> c tanh(z / c)`` before everything.
         temperature: ``z -> z / T`` (after the soft-cap) before everything.
         z_loss: ``lam``: adds ``lam * lse^2`` per kept token (PaLM), not reweighted.

@@ -10,15 +10,22 @@ so that ``dL/dz_i = g_t * (w_t * (p_i - 1[i = y]) + beta_t * p_i * (log p_i + H_
 The kernels stay generic; these formulas run on ``[N]`` tensors only.
 
 Each config is a frozen dataclass of its options with its torch formula (``terms``); a
-row-local weighting also has a Triton formula of the same name in
-``csrc_triton/weightings.py``, whose float options and ``tl.constexpr`` switches
-``kernel_args()`` gives. Adding one: its class here, its Triton formula, its oracle in
-``tests/spec_formulas.py``, its README row. :func:`resolve` turns a name such as
-``"ranktuner"`` into the default config.
+row-local weighting also has a Triton formula (by default the function of the same name in
+``csrc_triton/weightings.py``), whose float options and ``tl.constexpr`` switches
+``kernel_args()`` gives.
+
+**The registry.** :data:`WEIGHTINGS` (name -> class), filled by :func:`register`, is the one
+list of weightings: names resolve through it (:func:`resolve`), the package exports its
+classes (``rk.RankTuner``, ``__all__``), and the tests, the demo and the benchmarks loop over
+it. Adding an objective to the library: its class here (``@register``, with its ``variants``),
+its Triton formula in ``csrc_triton/weightings.py`` (row-local ones only), its oracle in
+``tests/spec_formulas.py`` and its row in the README's table of objectives. Code outside the
+package may register its own (a ``triton_formula`` attribute then names its Triton formula).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable, NamedTuple, Optional
@@ -64,6 +71,12 @@ class Weighting:
     batch_level = False
     #: beta != 0 (the gradient has an entropy term)
     has_entropy_term = False
+    #: non-default settings (keyword dicts) that, with the defaults, set every option to a
+    #: non-default value at least once: the tests run each of them
+    variants: tuple = ()
+    #: a row-local weighting's ``@triton.jit`` formula (the signature of
+    #: ``csrc_triton/weightings.py``); None: the function of that module named ``name``
+    triton_formula = None
 
     @property
     def row_local(self) -> bool:
@@ -76,6 +89,12 @@ class Weighting:
     def terms(self, stats: RowStats, batch: Batch) -> Terms:
         raise NotImplementedError
 
+    def kernel_formula(self, formulas):
+        """The Triton formula the statistics kernel runs: ``triton_formula``, else the function
+        named ``name`` in ``formulas`` (the module ``csrc_triton/weightings.py``)."""
+        own = type(self).triton_formula
+        return own if own is not None else getattr(formulas, self.name)
+
     def kernel_args(self) -> tuple:
         """``((P0, P1), (S0, S1, S2, S3))``: the Triton formula's two float options and its four
         ``tl.constexpr`` switches, in the order of its parameter list."""
@@ -83,6 +102,65 @@ class Weighting:
 
     def __post_init__(self):
         self.validate()
+
+
+#: The registry: every weighting's name -> its config class, in registration order.
+WEIGHTINGS: dict = {}
+
+
+def register(cls):
+    """Class decorator: add a weighting config class to :data:`WEIGHTINGS` under its ``name``.
+
+    ``cls`` must be a frozen dataclass subclassing :class:`Weighting`, with its own ``name``
+    (a lower-case identifier no other class holds) and default options that validate, as
+    must each of its ``variants``. Returns ``cls``."""
+    if not isinstance(cls, type) or not issubclass(cls, Weighting) or cls is Weighting:
+        raise TypeError(f"register: expected a subclass of Weighting, got {cls!r}")
+    if not dataclasses.is_dataclass(cls) or not cls.__dataclass_params__.frozen:
+        raise TypeError(f"register: {cls.__name__} must be a @dataclass(frozen=True)")
+    name = cls.__dict__.get("name")
+    if not isinstance(name, str) or not name.isidentifier() or name != name.lower():
+        raise ValueError(f"register: {cls.__name__}.name must be a lower-case identifier of its own, got {name!r}")
+    taken = WEIGHTINGS.get(name)
+    if taken is not None and taken is not cls:
+        raise ValueError(f"register: the name {name!r} is taken by {taken.__qualname__}")
+    clash = [c for c in WEIGHTINGS.values() if c.__name__ == cls.__name__ and c is not cls]
+    if clash:
+        raise ValueError(f"register: a weighting class named {cls.__name__} is registered already")
+    cls()
+    for kwargs in cls.variants:
+        cls(**kwargs)
+    WEIGHTINGS[name] = cls
+    return cls
+
+
+def unregister(name: str) -> type:
+    """Remove ``name`` from :data:`WEIGHTINGS` and return its class (for code that registered
+    a weighting for a while, such as a test)."""
+    try:
+        return WEIGHTINGS.pop(name)
+    except KeyError:
+        raise ValueError(f"unregister: no weighting named {name!r}") from None
+
+
+def expected_rank_bound(entropy_bits: torch.Tensor, p_max: torch.Tensor) -> torch.Tensor:
+    """``s(H)`` (RankTuner paper Eq. 5, SPEC.md): ``2^{H_bits}/4 + 1`` where ``H_bits >= 2``,
+    else ``2 - p_max``; a lower bound on the expected rank ``E[R] = sum_i i p_(i)``. NaN stays
+    NaN. The one place ``s(H)`` is written (the RankTuner weight and the token inspector's
+    Relative Rank Indicator use it)."""
+    return torch.where(entropy_bits >= 2, torch.exp2(entropy_bits) / 4 + 1, 2 - p_max)
+
+
+def describe(weighting) -> str:
+    """A weighting as text: a name as given (``"dft"``); a config as its class with the
+    options that differ from their defaults (``"RankTuner(w0='one')"``, ``"SFT()"``)."""
+    if isinstance(weighting, str):
+        return weighting
+    if dataclasses.is_dataclass(weighting):
+        changed = [f"{f.name}={getattr(weighting, f.name)!r}" for f in dataclasses.fields(weighting)
+                   if f.init and (f.default is dataclasses.MISSING or getattr(weighting, f.name) != f.default)]
+        return f"{type(weighting).__name__}({', '.join(changed)})"
+    return str(getattr(weighting, "name", None) or type(weighting).__name__)
 
 
 def _nll_weighted(stats: RowStats, w: torch.Tensor) -> Terms:
@@ -101,6 +179,7 @@ def _check_choice(obj, name, choices):
         raise ValueError(f"{type(obj).__name__}: {name} must be one of {choices}, got {v!r}")
 
 
+@register
 @dataclass(frozen=True)
 class SFT(Weighting):
     """Plain cross-entropy: ``value = -log p_t``, ``w = 1``."""
@@ -111,6 +190,7 @@ class SFT(Weighting):
         return _nll_weighted(stats, torch.ones_like(stats.logp_t))
 
 
+@register
 @dataclass(frozen=True)
 class DFT(Weighting):
     """Dynamic fine-tuning: ``value = sg(p_t) * (-log p_t)``, ``w = p_t``."""
@@ -121,6 +201,7 @@ class DFT(Weighting):
         return _nll_weighted(stats, stats.logp_t.exp())
 
 
+@register
 @dataclass(frozen=True)
 class RankTuner(Weighting):
     """RankTuner's Relative Scale (paper Algorithm 1).
@@ -138,6 +219,8 @@ class RankTuner(Weighting):
     ablation: Optional[str] = None
     clamp_min: Optional[float] = 1e-6
     name = "ranktuner"
+    variants = (dict(w0="one"), dict(xi="arith"), dict(xi="geo"), dict(xi="log"), dict(k="cmvt"),
+                dict(ablation="no_prob"), dict(ablation="no_entropy"), dict(clamp_min=None), dict(clamp_min=0.3))
 
     def validate(self):
         _check_choice(self, "w0", ("p", "one"))
@@ -153,8 +236,7 @@ class RankTuner(Weighting):
 
     def relative_scale_terms(self, stats: RowStats):
         """``(log s(H), xi, K)`` per token."""
-        h_bits = stats.entropy / LN2
-        s = torch.where(h_bits >= 2, torch.exp2(h_bits) / 4 + 1, 2 - stats.p_max)
+        s = expected_rank_bound(stats.entropy / LN2, stats.p_max)
         r = stats.rank.to(s.dtype)
         if self.xi == "max":
             xi = torch.maximum(r, s)
@@ -187,6 +269,7 @@ class RankTuner(Weighting):
         return _nll_weighted(stats, log_scale.exp())
 
 
+@register
 @dataclass(frozen=True)
 class TALR(Weighting):
     """``w = max(max(p_t, 1e-6)^{1/tau}, w_min)``; ``tau`` is the median over the
@@ -198,6 +281,7 @@ class TALR(Weighting):
     w_min: float = 0.01
     tau: Optional[float] = None
     name = "talr"
+    variants = (dict(tau=2.0), dict(w_min=0.3))
     batch_level = True
 
     def validate(self):
@@ -237,6 +321,7 @@ class TALR(Weighting):
         return _nll_weighted(stats, w)
 
 
+@register
 @dataclass(frozen=True)
 class EAFT(Weighting):
     """``w = (H_topK / norm)^alpha`` with ``H_topK`` the entropy of the softmax over the
@@ -246,6 +331,7 @@ class EAFT(Weighting):
     alpha: float = 1.0
     norm: float = 3.0
     name = "eaft"
+    variants = (dict(k=3, alpha=2.0, norm=1.0),)
     needs_topk = True
 
     def validate(self):
@@ -258,12 +344,14 @@ class EAFT(Weighting):
         return _nll_weighted(stats, (batch.topk_entropy / self.norm).pow(self.alpha))
 
 
+@register
 @dataclass(frozen=True)
 class OverTone(Weighting):
     """``w = lam`` where the target's logit is the row maximum (ties included), else 1."""
 
     lam: float = 0.1
     name = "overtone"
+    variants = (dict(lam=0.5),)
 
     def validate(self):
         if not isinstance(self.lam, (int, float)) or not math.isfinite(self.lam) or self.lam < 0:
@@ -277,12 +365,14 @@ class OverTone(Weighting):
         return _nll_weighted(stats, torch.where(is_max, self.lam, 1.0).to(stats.logp_t.dtype))
 
 
+@register
 @dataclass(frozen=True)
 class AlphaPower(Weighting):
     """``value = (1 - p_t^alpha)/alpha``, ``w = p_t^alpha`` (exact gradient of the f(p) objective)."""
 
     alpha: float = 1.0
     name = "alpha_power"
+    variants = (dict(alpha=0.5), dict(alpha=2.0))
 
     def validate(self):
         _check_positive(self, "alpha")
@@ -295,6 +385,7 @@ class AlphaPower(Weighting):
         return Terms(-torch.expm1(self.alpha * stats.logp_t) / self.alpha, w, None)
 
 
+@register
 @dataclass(frozen=True)
 class Threshold(Weighting):
     """``w = 1[low <= p_t <= high]``, ``value = w * (-log p_t)``."""
@@ -302,6 +393,7 @@ class Threshold(Weighting):
     low: float = 0.2
     high: float = 1.0
     name = "threshold"
+    variants = (dict(low=0.05, high=0.5),)
 
     def validate(self):
         for n in ("low", "high"):
@@ -319,12 +411,14 @@ class Threshold(Weighting):
         return _nll_weighted(stats, ((p >= self.low) & (p <= self.high)).to(p.dtype))
 
 
+@register
 @dataclass(frozen=True)
 class EntropyReg(Weighting):
     """``value = -log p_t - alpha * H``, ``w = 1``, ``beta = alpha``."""
 
     alpha: float = 0.02
     name = "entropy_reg"
+    variants = (dict(alpha=0.5),)
     has_entropy_term = True
 
     def validate(self):
@@ -339,12 +433,14 @@ class EntropyReg(Weighting):
         return Terms(-stats.logp_t - self.alpha * stats.entropy, w, torch.full_like(w, self.alpha))
 
 
+@register
 @dataclass(frozen=True)
 class Focal(Weighting):
     """``value = -(1-p)^gamma log p``; ``w = (1-p)^{gamma-1}((1-p) - gamma p log p)``."""
 
     gamma: float = 2.0
     name = "focal"
+    variants = (dict(gamma=0.5), dict(gamma=0.0))
 
     def validate(self):
         if not isinstance(self.gamma, (int, float)) or not math.isfinite(self.gamma) or self.gamma < 0:
@@ -364,9 +460,6 @@ class Focal(Weighting):
             w = q.pow(self.gamma - 1) * (q - self.gamma * p * logp)
             w = torch.where(q == 0, 0.0, w)  # the limit (1 + gamma) q^gamma -> 0 at p = 1
         return Terms(value, w, None)
-
-
-WEIGHTINGS = {cls.name: cls for cls in (SFT, DFT, RankTuner, TALR, EAFT, OverTone, AlphaPower, Threshold, EntropyReg, Focal)}
 
 
 def resolve(weighting) -> Weighting:

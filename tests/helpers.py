@@ -1,4 +1,4 @@
-"""Shared test helpers: batches with a realistic spread of p_t, configs, error measures."""
+"""Shared test helpers: batches with a realistic spread of p_t, the configs of the registry, error measures."""
 
 import torch
 
@@ -7,20 +7,15 @@ import ranktuner_kernels as rk
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ON_GPU = DEVICE == "cuda"
 
-#: Every weighting with its default options, and each non-default option at least once.
-CONFIGS = [
-    rk.SFT(), rk.DFT(),
-    rk.RankTuner(), rk.RankTuner(w0="one"), rk.RankTuner(xi="arith"), rk.RankTuner(xi="geo"),
-    rk.RankTuner(xi="log"), rk.RankTuner(k="cmvt"), rk.RankTuner(ablation="no_prob"),
-    rk.RankTuner(ablation="no_entropy"), rk.RankTuner(clamp_min=None), rk.RankTuner(clamp_min=0.3),
-    rk.TALR(), rk.TALR(tau=2.0), rk.TALR(w_min=0.3),
-    rk.EAFT(), rk.EAFT(k=3, alpha=2.0, norm=1.0),
-    rk.OverTone(), rk.OverTone(lam=0.5),
-    rk.AlphaPower(0.5), rk.AlphaPower(2.0),
-    rk.Threshold(), rk.Threshold(0.05, 0.5),
-    rk.EntropyReg(), rk.EntropyReg(0.5),
-    rk.Focal(2.0), rk.Focal(0.5), rk.Focal(0.0),
-]
+def configs(registry=None):
+    """Every registered weighting (``rk.weightings.WEIGHTINGS``) with its default options and each
+    of its ``variants`` (every non-default option at least once)."""
+    registry = rk.weightings.WEIGHTINGS if registry is None else registry
+    return [cfg for cls in registry.values() for cfg in (cls(), *(cls(**kw) for kw in cls.variants))]
+
+
+#: The registry's configs and names when the tests are collected.
+CONFIGS = configs()
 NAMES = sorted(rk.weightings.WEIGHTINGS)
 
 

@@ -127,12 +127,21 @@ def test_all_ignored_gives_zero_loss_and_gradient(name, reduction, impl):
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_custom_ignore_index(impl):
+    """``ignore_index=7`` drops exactly the targets equal to 7, loss and gradient, as -100 does."""
     z, y = make_batch(2, 3, 17, torch.float32, DEVICE)
-    a = rk.cross_entropy(z, y, impl=impl)
-    b = rk.cross_entropy(z, torch.where(y == -100, 5, y), impl=impl, ignore_index=5)
-    keep = (y != -100) & (y != 5)
-    if keep.sum() == (y != -100).sum():
-        torch.testing.assert_close(a, b)
+    y[0, 2] = y[1, 0] = 7  # real class ids, dropped by the custom ignore_index
+    y_custom = torch.where(y == -100, 7, y)
+    y_default = torch.where(y == 7, -100, y)
+    dropped = y_custom == 7
+    assert 3 <= int(dropped.sum()) < y.numel()
+    for reduction in ("mean", "sum", "none"):
+        a, (ga,) = loss_and_grads(lambda x: rk.cross_entropy(x, y_default, impl=impl, reduction=reduction),
+                                  [z.clone().requires_grad_()])
+        b, (gb,) = loss_and_grads(lambda x: rk.cross_entropy(x, y_custom, impl=impl, reduction=reduction,
+                                                             ignore_index=7), [z.clone().requires_grad_()])
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=0)
+        torch.testing.assert_close(gb, ga, rtol=1e-6, atol=0)
+        assert torch.all(gb[dropped] == 0) and torch.all(gb[~dropped].abs().sum(-1) > 0)
 
 
 # ---- strides, determinism, the caller's tensors --------------------------------------------

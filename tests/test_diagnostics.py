@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from ranktuner_kernels import diagnostics as dg
+from ranktuner_kernels.analysis import noise_metric as dg
 
 
 # ----------------------------------------------------------------------------- K and top-K

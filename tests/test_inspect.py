@@ -13,13 +13,8 @@ import pytest
 import torch
 
 import ranktuner_kernels as rk
-from ranktuner_kernels.inspection import (
-    Inspection,
-    expected_rank_bound,
-    inspect,
-    relative_rank_indicator,
-    relative_rank_terms,
-)
+from ranktuner_kernels.analysis import Inspection, inspect, relative_rank_indicator, relative_rank_terms
+from ranktuner_kernels.weightings import expected_rank_bound
 
 VOCAB = ["<bos>", "The", " answer", " is", "<script>", "alert(1)", "</script>", " 5", "\n", "&amp;", '"q"', " ess", "ential", "ly"]
 
@@ -213,14 +208,13 @@ def test_inspect_handles_a_token_longer_than_a_line():
 # ----------------------------------------------------------------------------- command line
 
 def run_cli(*args, capsys=None):
-    """``python -m ranktuner_kernels.inspect ARGS`` in this process (runpy: the package's
-    ``inspect`` attribute is left alone) -> (exit code, stdout)."""
+    """``python -m ranktuner_kernels.analysis.cli ARGS`` in this process -> (exit code, stdout)."""
     import runpy
 
     argv = sys.argv
-    sys.argv = ["ranktuner_kernels.inspect", *map(str, args)]
+    sys.argv = ["ranktuner_kernels.analysis.cli", *map(str, args)]
     try:
-        runpy.run_module("ranktuner_kernels.inspect", run_name="__main__", alter_sys=False)
+        runpy.run_module("ranktuner_kernels.analysis.cli", run_name="__main__", alter_sys=False)
         code = 0
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
@@ -277,30 +271,34 @@ def test_cli_saved_logits_and_model_loader(tmp_path, capsys):
 def test_cli_runs_as_a_module(tmp_path):
     """The real entry point, in a subprocess."""
     torch.save({"logits": torch.randn(4, 6), "target": torch.tensor([0, -100, 2, 5])}, tmp_path / "a.pt")
-    r = subprocess.run([sys.executable, "-m", "ranktuner_kernels.inspect", str(tmp_path / "a.pt"), "--html",
+    r = subprocess.run([sys.executable, "-m", "ranktuner_kernels.analysis.cli", str(tmp_path / "a.pt"), "--html",
                         str(tmp_path / "a.html")], capture_output=True, text=True, timeout=120,
                        cwd=os.path.dirname(os.path.abspath(__file__)))
     assert r.returncode == 0, r.stderr
     assert "3 of 4 tokens scored" in r.stdout and (tmp_path / "a.html").stat().st_size > 0
 
 
-def test_importing_the_cli_module_keeps_rk_inspect_callable():
-    """``import ranktuner_kernels.inspect`` rebinds the package attribute ``inspect`` to the
-    module; the module is callable, so ``rk.inspect(...)`` still works."""
+def test_rk_inspect_is_an_ordinary_function():
+    """``rk.inspect`` is the renderer's function with its real signature (default ``"sft"``,
+    the library's one default weighting), whatever else is imported; the CLI's default too."""
     import importlib
+    import inspect as pyinspect
+    import types
 
-    missing = object()
-    before = rk.__dict__.get("inspect", missing)
-    had_module = "ranktuner_kernels.inspect" in sys.modules
-    try:
-        mod = importlib.import_module("ranktuner_kernels.inspect")
-        ids, toks = text_ids()
-        assert isinstance(mod(TinyLM(), ids, toks, print_table=False), Inspection)
-        assert isinstance(rk.inspect(TinyLM(), ids, toks, print_table=False), Inspection)
-    finally:  # leave the package as it was for the other tests
-        if before is missing:
-            rk.__dict__.pop("inspect", None)
-        else:
-            rk.inspect = before
-        if not had_module:
-            sys.modules.pop("ranktuner_kernels.inspect", None)
+    from ranktuner_kernels.analysis import cli, render
+
+    importlib.import_module("ranktuner_kernels.analysis.cli")
+    assert isinstance(rk.inspect, types.FunctionType) and rk.inspect is render.inspect
+    params = pyinspect.signature(rk.inspect).parameters
+    assert list(params)[:3] == ["source", "token_ids", "tokens"]
+    assert params["weighting"].default == "sft"
+    assert cli.main.__module__ == "ranktuner_kernels.analysis.cli"
+    ids, toks = text_ids()
+    res = rk.inspect(TinyLM(), ids, toks, print_table=False)
+    assert res.weighting == "sft" and np.all(res.weight[res.kept] == 1.0)
+
+
+def test_cli_default_weighting_is_sft(tmp_path, capsys):
+    torch.save({"logits": torch.randn(4, 6), "target": torch.tensor([0, -100, 2, 5])}, tmp_path / "a.pt")
+    code, out = run_cli(tmp_path / "a.pt", capsys=capsys)
+    assert code == 0 and "weighting sft" in out

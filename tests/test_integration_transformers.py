@@ -149,11 +149,13 @@ def test_gemma2_final_logit_softcapping():
     assert_grads_close(got_grads, rt_grads, 1e-5, 1e-5)
 
 
-def test_gemma2_softcapping_without_core_support_raises():
-    if HAS_SOFTCAP:
-        pytest.skip("the core has softcap=")
-    with pytest.raises(ValueError, match="final_logit_softcapping"):
-        rkt.patch_model(make_model("gemma2", tied=True, final_logit_softcapping=30.0))
+def test_gemma2_softcapping_set_twice_raises():
+    """The config's final_logit_softcapping is the soft-cap; a second one as an option is refused."""
+    assert HAS_SOFTCAP
+    model = make_model("gemma2", tied=True, final_logit_softcapping=30.0)
+    with pytest.raises(ValueError, match="final_logit_softcapping=30.0 already sets it"):
+        rkt.patch_model(model, softcap=20.0)
+    rkt.patch_model(model)  # the config's alone is fine
 
 
 @pytest.mark.parametrize("as_tensor", [False, True])

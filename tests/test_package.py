@@ -58,3 +58,47 @@ def test_module_reprs_show_their_objective():
     head = torch.nn.Linear(4, 10, bias=False)
     lin = rk.LinearTokenReweightedLoss.from_linear(head, rk.EAFT(k=5), chunk_size=8)
     assert "EAFT(k=5" in repr(lin) and "vocab=10, hidden=4" in repr(lin) and "chunk_size=8" in repr(lin)
+
+
+def test_an_uninstalled_checkout_says_to_install_it():
+    """From the checkout's root without the install (``-S``: no site-packages, so neither the
+    editable finder nor torch), ``import ranktuner_kernels`` and ``python -m ranktuner_kernels``
+    fail with one sentence naming ``pip install -e .``, not a circular-import error."""
+    import os
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin")}
+    for args in (["-c", "import ranktuner_kernels"], ["-m", "ranktuner_kernels"]):
+        out = subprocess.run([sys.executable, "-S", *args], cwd=root, env=env, capture_output=True, text=True,
+                             timeout=60)
+        assert out.returncode != 0
+        last = out.stderr.strip().splitlines()[-1]
+        assert last.startswith("ImportError: ") and last.endswith("run `pip install -e .` in the checkout's root first."), out.stderr
+        assert last.count(". ") == 0 and "circular" not in out.stderr  # one sentence
+
+
+def test_the_readme_set_up_reads_top_to_bottom():
+    """The CPU-only torch note comes before the two marked commands (``.ci/run`` reads them),
+    and the README says the suite takes minutes."""
+    import pathlib
+
+    text = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    cpu = text.index("pip install torch --index-url https://download.pytorch.org/whl/cpu")
+    assert cpu < text.index("<!-- demo-command -->") < text.index("<!-- test-command -->")
+    assert "The suite takes minutes" in text
+
+
+def test_every_subpackage_is_in_the_wheel_list():
+    """``pyproject.toml``'s packages list names every subpackage of ``ranktuner_kernels`` (a
+    missing one is silently left out of the wheel)."""
+    import pathlib
+    import re
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    listed = set(re.findall(r'"(ranktuner_kernels[\w.]*)"', (root / "pyproject.toml").read_text().split("[tool.setuptools]")[1].split("[tool.setuptools.package-dir]")[0]))
+    found = {"ranktuner_kernels." + ".".join(p.parent.relative_to(root / "ranktuner_kernels").parts)
+             for p in (root / "ranktuner_kernels").rglob("__init__.py") if p.parent != root / "ranktuner_kernels"}
+    assert found and found <= listed, found - listed

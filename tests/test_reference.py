@@ -11,10 +11,8 @@ from helpers import CONFIGS, cid, loss_and_grads, make_batch
 from spec_formulas import spec_loss
 
 
-@pytest.mark.parametrize("weights", [False, True], ids=["plain", "weighted"])
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("obj", CONFIGS, ids=cid)
-def test_reference_matches_spec(obj, reduction, weights):
+def check_reference_matches_spec(obj, reduction, weights):
+    """The reference's loss and gradient against SPEC's float64 oracle (``spec_formulas``)."""
     logits, target = make_batch(4, 6, 37, torch.float64, "cpu", seed=3)
     target[3] = -100  # a whole sequence ignored: TALR leaves it out of the median
     kw = {}
@@ -27,6 +25,13 @@ def test_reference_matches_spec(obj, reduction, weights):
     spec, (g_spec,) = loss_and_grads(lambda z: spec_loss(z, target, obj, reduction=reduction, **kw), [x])
     torch.testing.assert_close(ref, spec, rtol=1e-9, atol=1e-12)
     torch.testing.assert_close(g_ref, g_spec, rtol=1e-8, atol=1e-12)
+
+
+@pytest.mark.parametrize("weights", [False, True], ids=["plain", "weighted"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("obj", CONFIGS, ids=cid)
+def test_reference_matches_spec(obj, reduction, weights):
+    check_reference_matches_spec(obj, reduction, weights)
 
 
 @pytest.mark.parametrize("name", sorted(rk.weightings.WEIGHTINGS))

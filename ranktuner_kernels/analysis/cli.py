@@ -1,13 +1,13 @@
-"""Token inspection from the command line: ``python -m ranktuner_kernels.inspect``.
+"""The token inspector's command line: ``python -m ranktuner_kernels.analysis.cli``.
 
 Renders per-token ``p_t``, ``H_t``, rank, the Relative Rank Indicator ``I_t`` and a
 weighting's weight as a self-contained HTML page, a PNG (the paper's layout; needs
-matplotlib) and a terminal table. A thin wrapper around
-:func:`ranktuner_kernels.inspection.inspect`. Two sources:
+matplotlib) and a terminal table. A thin wrapper around ``rk.inspect``
+(:func:`ranktuner_kernels.analysis.render.inspect`). Two sources:
 
 1. **Saved logits** (``torch.save`` of a dict)::
 
-       python -m ranktuner_kernels.inspect saved.pt --html out.html --png out.png
+       python -m ranktuner_kernels.analysis.cli saved.pt --html out.html --png out.png
 
    with either ``{"logits": [N, V], "target": [N]}`` (row ``i`` scored against
    ``target[i]``, as ``rk.cross_entropy`` takes them; ``-100`` = ignored) or
@@ -17,7 +17,7 @@ matplotlib) and a terminal table. A thin wrapper around
 
 2. **A model checkpoint and a loader** (``module:function`` or ``path/to/file.py:function``)::
 
-       python -m ranktuner_kernels.inspect --model examples/tiny_lm.py:load_checkpoint \\
+       python -m ranktuner_kernels.analysis.cli --model examples/tiny_lm.py:load_checkpoint \\
            --checkpoint examples/results/tiny_lm_ranktuner.pt \\
            --prompt $'12+7-3=?\\n' --text '12+7=19. 19-3=16. A: 16' --html t.html --png t.png
 
@@ -27,9 +27,9 @@ matplotlib) and a terminal table. A thin wrapper around
    (``ids -> list[str]``) or ``"decode"`` (``[id] -> str``), and ``"bos_id"`` (prepended).
    The prompt's tokens are shown but not scored (label ``-100``).
 
-``--weighting`` takes a name (``ranktuner``, ``dft``, ``sft``, ...) or a config call such as
-``"RankTuner(w0='one', xi='geo')"`` (a class of ``ranktuner_kernels`` with literal keyword
-arguments; nothing else is evaluated).
+``--weighting`` takes a name (``ranktuner``, ``dft``, ...; default ``sft``, as everywhere in
+the library) or a config call such as ``"RankTuner(w0='one', xi='geo')"`` (a registered
+weighting class with literal keyword arguments; nothing else is evaluated).
 """
 
 from __future__ import annotations
@@ -40,11 +40,11 @@ import importlib
 import importlib.util
 import os
 import sys
-import types
 
 import torch
 
-from . import inspection
+from ..weightings import WEIGHTINGS
+from .render import inspect
 
 
 def parse_weighting(text: str):
@@ -58,11 +58,10 @@ def parse_weighting(text: str):
         raise ValueError(f"--weighting: cannot parse {text!r}") from e
     if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Name) or node.args:
         raise ValueError(f"--weighting: expected Name(key=value, ...), got {text!r}")
-    import ranktuner_kernels as rk
-
-    cls = getattr(rk, node.func.id, None)
-    if not isinstance(cls, type):
-        raise ValueError(f"--weighting: ranktuner_kernels has no config class {node.func.id!r}")
+    cls = next((c for c in WEIGHTINGS.values() if c.__name__ == node.func.id), None)
+    if cls is None:
+        raise ValueError(f"--weighting: no weighting class {node.func.id!r}; expected one of "
+                         f"{[c.__name__ for c in WEIGHTINGS.values()]}")
     kwargs = {kw.arg: ast.literal_eval(kw.value) for kw in node.keywords}
     return cls(**kwargs)
 
@@ -119,7 +118,7 @@ def _from_model(loader_spec: str, checkpoint: str, prompt: str, text: str) -> di
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m ranktuner_kernels.inspect", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m ranktuner_kernels.analysis.cli", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("saved", nargs="?", help="a .pt file of saved logits (see above)")
     ap.add_argument("--model", help="loader: module:function or path/to/file.py:function")
@@ -127,7 +126,7 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt", default="", help="text before --text, shown but not scored")
     ap.add_argument("--text", help="the text to score (with --model)")
     ap.add_argument("--text-file", help="read --text from this file")
-    ap.add_argument("--weighting", default="ranktuner", help="name or config call (default ranktuner)")
+    ap.add_argument("--weighting", default="sft", help="name or config call (default sft)")
     ap.add_argument("--html", help="write the HTML page here")
     ap.add_argument("--png", help="write the PNG here (needs matplotlib)")
     ap.add_argument("--png-rows", default="p_t,entropy,indicator",
@@ -154,7 +153,7 @@ def main(argv=None) -> int:
     source = kw.pop("source")
     try:
         weighting = parse_weighting(args.weighting)
-        inspection.inspect(source, weighting=weighting, html=args.html, png=args.png,
+        inspect(source, weighting=weighting, html=args.html, png=args.png,
                            png_rows=tuple(r.strip() for r in args.png_rows.split(",") if r.strip()),
                            line_chars=args.line_chars, max_table_rows=args.rows or None, title=args.title,
                            impl=args.impl, **kw)
@@ -166,18 +165,6 @@ def main(argv=None) -> int:
             print(f"{label}: {path}")
     return 0
 
-
-class _CallableModule(types.ModuleType):
-    """``import ranktuner_kernels.inspect`` binds this module to the package attribute
-    ``inspect``, over the function ``rk.inspect``; calling the module calls the function, so
-    ``rk.inspect(...)`` works either way."""
-
-    def __call__(self, *args, **kwargs):
-        return inspection.inspect(*args, **kwargs)
-
-
-if __name__ != "__main__":
-    sys.modules[__name__].__class__ = _CallableModule
 
 if __name__ == "__main__":
     sys.exit(main())

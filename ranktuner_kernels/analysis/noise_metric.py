@@ -1,4 +1,4 @@
-"""The noise-sensitivity diagnostic of the RankTuner paper (App. B.3, Table 1).
+"""The paper's metric: the noise-sensitivity diagnostic of the RankTuner paper (App. B.3, Table 1).
 
 Does a token-importance score surface injected, semantically irrelevant text? A fraction
 ``rho`` (0.1) of (prompt, response) pairs get a noise sentence inserted into the response at
@@ -8,7 +8,7 @@ indicators,
     entropy   s = H_t                 (entropy-dominant)
     prob      s = -log p_t            (prob-dominant)
     ranktuner s = 1 / I_t             (the Relative Rank Indicator, see
-                                        :func:`ranktuner_kernels.inspection.relative_rank_terms`)
+                                        :func:`ranktuner_kernels.analysis.indicator.relative_rank_terms`)
 
 and for each indicator:
 
@@ -56,7 +56,8 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from .inspection import model_logits, relative_rank_terms
+from ..token_loss import token_stats
+from .indicator import model_logits, relative_rank_terms
 
 __all__ = [
     "RHO",
@@ -271,7 +272,6 @@ def score_tokens(model, examples: Sequence[NoisyExample], *, batch_size: int = 3
     """Per example, ``{"entropy", "prob", "ranktuner"}`` score arrays over its response tokens
     (token ``t`` scored by the logits of position ``t - 1``). Sequences are right-padded with
     ``pad_id`` (harmless for a causal LM) and batched; no gradient."""
-    from . import token_stats
 
     if device is None:
         device = next(model.parameters()).device if isinstance(model, torch.nn.Module) and any(

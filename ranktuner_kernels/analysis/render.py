@@ -1,20 +1,19 @@
-"""Token inspection: per-token ``p_t``, ``H_t``, rank ``R_t``, the Relative Rank Indicator
-``I_t`` and a weighting's weight ``w_t``, rendered as a colour-coded self-contained HTML page,
-a PNG in the layout of the RankTuner paper's Fig. 1/4 (rows of coloured tokens) and a
-compact terminal table.
+"""The token inspector's renderer: per-token ``p_t``, ``H_t``, rank ``R_t``, the Relative Rank
+Indicator ``I_t`` and a weighting's weight ``w_t``, rendered as a colour-coded self-contained
+HTML page, a PNG in the layout of the RankTuner paper's Fig. 1/4 (rows of coloured tokens) and
+a compact terminal table.
 
     import ranktuner_kernels as rk
-    from ranktuner_kernels.inspection import inspect
-    res = inspect(model, token_ids, tokens, labels=labels, weighting=rk.RankTuner(),
-                  html="tokens.html", png="tokens.png")
+    res = rk.inspect(model, token_ids, tokens, labels=labels, weighting=rk.RankTuner(),
+                     html="tokens.html", png="tokens.png")
 
-Command line: ``python -m ranktuner_kernels.inspect --help``.
+Command line: ``python -m ranktuner_kernels.analysis.cli --help`` (:mod:`.cli`).
 
 The Relative Rank Indicator (paper Def. 4.2, Eq. 2) compares the realised rank of the target
 with its expected rank: ``I_t = g(f(R_t) - f(E[R_t]))`` with ``f(x) = 1 / log2(x + 1)`` and
 ``g(x) = 2^x``. The statistics the kernels return hold ``R_t`` but not ``E[R_t]``; as in the
 paper's Algorithm 1 (and SPEC.md), ``E[R_t]`` is replaced by its entropy lower bound ``s(H_t)``
-(paper Eq. 5), see :func:`relative_rank_terms`. ``I_t = 1`` is the neutral value (the target
+(paper Eq. 5), see :func:`.indicator.relative_rank_terms`. ``I_t = 1`` is the neutral value (the target
 ranks where the entropy says it should); ``I_t > 1``: the target ranks better than expected;
 ``I_t < 1``: worse. Since ``R_t >= 1`` and ``s >= 1``, ``I_t`` lies in ``(1/2, 2]``.
 
@@ -38,99 +37,20 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-__all__ = [
-    "inspect",
-    "Inspection",
-    "expected_rank_bound",
-    "relative_rank_indicator",
-    "relative_rank_terms",
-    "model_logits",
-]
+from ..token_loss import cross_entropy
+from ..weightings import describe
+from .indicator import model_logits, relative_rank_terms
 
-LN2 = math.log(2.0)
-
-
-# ----------------------------------------------------------------------------- the indicator
-
-def expected_rank_bound(entropy_bits, p_max):
-    """``s(H)`` (paper Eq. 5, SPEC.md): ``2^{H_bits}/4 + 1`` where ``H_bits >= 2``, else
-    ``2 - p_max``; a lower bound on the expected rank ``E[R] = sum_i i p_(i)``. Tensors or
-    arrays; NaN stays NaN."""
-    if isinstance(entropy_bits, torch.Tensor):
-        return torch.where(entropy_bits >= 2, torch.exp2(entropy_bits) / 4 + 1, 2 - p_max)
-    h = np.asarray(entropy_bits, dtype=np.float64)
-    return np.where(h >= 2, np.exp2(h) / 4 + 1, 2 - np.asarray(p_max, dtype=np.float64))
-
-
-def relative_rank_indicator(rank, expected_rank):
-    """``I = 2^{f(R) - f(E)}``, ``f(x) = 1/log2(x + 1)`` (paper Eq. 2); 1 where ``R = E``."""
-    f = (lambda x: 1.0 / torch.log2(x + 1)) if isinstance(rank, torch.Tensor) else (lambda x: 1.0 / np.log2(x + 1))
-    if isinstance(rank, torch.Tensor):
-        return torch.exp2(f(rank.to(expected_rank.dtype)) - f(expected_rank))
-    return np.exp2(f(np.asarray(rank, dtype=np.float64)) - f(np.asarray(expected_rank, dtype=np.float64)))
-
-
-def relative_rank_terms(stats: dict) -> dict:
-    """``{"s": s(H_t), "indicator": I_t}`` from a stats dict of ``rk.token_stats`` or
-    ``return_stats=True`` (keys ``entropy_bits``, ``p_max``, ``rank``).
-
-    ``I_t = 2^{f(R_t) - f(s(H_t))}`` with ``f(x) = 1/log2(x+1)``: the paper's Relative Rank
-    Indicator (Def. 4.2) with the expected rank ``E[R_t]`` replaced by its entropy bound
-    ``s(H_t)``, the same substitution the RankTuner weight makes (Algorithm 1). Its inverse
-    ``1/I_t`` is the RankTuner score of the noise diagnostic (App. B.3). Positions whose
-    statistics are NaN (ignored targets) give NaN."""
-    h = stats["entropy_bits"]
-    if isinstance(h, torch.Tensor):
-        h = h.float() if h.dtype != torch.float64 else h
-        p_max = stats["p_max"].to(h.dtype)
-        rank = stats["rank"].to(h.dtype)
-    else:
-        p_max, rank = stats["p_max"], stats["rank"]
-    s = expected_rank_bound(h, p_max)
-    return {"s": s, "indicator": relative_rank_indicator(rank, s)}
+__all__ = ["inspect", "Inspection"]
 
 
 # ----------------------------------------------------------------------------- running models
-
-def model_logits(model, ids: torch.Tensor) -> torch.Tensor:
-    """``model(ids)`` as a logits tensor: the output itself, its ``.logits`` (Hugging Face
-    style), or the first element of a tuple."""
-    out = model(ids)
-    if hasattr(out, "logits"):
-        out = out.logits
-    elif isinstance(out, (tuple, list)):
-        out = out[0]
-    if not isinstance(out, torch.Tensor):
-        raise TypeError(f"model: expected logits (a tensor, or an object with .logits), got {type(out).__name__}")
-    return out
-
 
 def _model_device(model):
     if isinstance(model, torch.nn.Module):
         for p in model.parameters():
             return p.device
     return torch.device("cpu")
-
-
-def _weighting_name(weighting) -> str:
-    """``"dft"`` for a name; ``"RankTuner(w0='one')"`` for a config (fields that differ from
-    their defaults only)."""
-    if isinstance(weighting, str):
-        return weighting
-    import dataclasses
-
-    if dataclasses.is_dataclass(weighting):
-        changed = []
-        for f in dataclasses.fields(weighting):
-            if not f.init:
-                continue
-            default = f.default if f.default is not dataclasses.MISSING else (
-                f.default_factory() if f.default_factory is not dataclasses.MISSING else dataclasses.MISSING)
-            value = getattr(weighting, f.name)
-            if default is dataclasses.MISSING or value != default:
-                changed.append(f"{f.name}={value!r}")
-        return f"{type(weighting).__name__}({', '.join(changed)})"
-    return str(getattr(weighting, "name", None) or type(weighting).__name__)
 
 
 # ----------------------------------------------------------------------------- colour scales
@@ -444,7 +364,7 @@ def inspect(
     target=None,
     decode: Optional[Callable] = None,
     labels=None,
-    weighting="ranktuner",
+    weighting="sft",
     ignore_index: int = -100,
     html=None,
     png=None,
@@ -476,8 +396,9 @@ def inspect(
     ``decode(id)`` if that raises ``TypeError``), else ``[id]``.
 
     Args:
-        weighting: any weighting ``rk.cross_entropy`` takes (``"dft"``, ``rk.RankTuner()``, ...);
-            its per-token weight ``w_t`` is shown.
+        weighting: any weighting ``rk.cross_entropy`` takes (``"ranktuner"``, ``rk.DFT()``, ...);
+            its per-token weight ``w_t`` is shown. Default ``"sft"``, as at every entry point of
+            the library (``w = 1``: the weight panel is then all white).
         html, png: paths to write (``None``: not written). The PNG needs matplotlib.
         png_rows: panels of the PNG, from ``"p_t"``, ``"entropy"``, ``"indicator"``, ``"rank"``,
             ``"weight"`` (default: the paper's three rows).
@@ -489,8 +410,6 @@ def inspect(
     Returns:
         an :class:`Inspection` (numbers per position, ``to_html()``, ``save_png()``, ``table()``).
     """
-    from . import cross_entropy  # the package's public loss, whatever module holds it
-
     if (token_ids is None) == (target is None):
         raise ValueError("give exactly one of token_ids (causal text) and target (logits aligned with targets)")
 
@@ -561,7 +480,7 @@ def inspect(
         tokens=strings, target=target_pos, kept=kept,
         p_t=per_pos(st["p_t"]), entropy_bits=per_pos(st["entropy_bits"]), rank=per_pos(st["rank"]),
         s=per_pos(terms["s"]), indicator=per_pos(terms["indicator"]), weight=per_pos(st["weight"]),
-        weighting=_weighting_name(weighting), vocab_size=int(logits.shape[-1]), title=title,
+        weighting=describe(weighting), vocab_size=int(logits.shape[-1]), title=title,
     )
     if html is not None:
         res.save_html(html)

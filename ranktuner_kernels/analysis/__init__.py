@@ -1,0 +1,17 @@
+"""Looking at a model through the per-token statistics, beside the losses (nothing here is on
+a training path):
+
+* :mod:`.render`, the token inspector's renderer: ``rk.inspect`` (per-token ``p_t``, ``H_t``,
+  rank, the Relative Rank Indicator and a weighting's weight as HTML, PNG and a table);
+* :mod:`.cli`, its command line: ``python -m ranktuner_kernels.analysis.cli --help``;
+* :mod:`.noise_metric`, the paper's metric: ``rk.noise_sensitivity``, the noise-sensitivity
+  diagnostic of the RankTuner paper (App. B.3);
+* :mod:`.indicator`, the scores the two share (the Relative Rank Indicator, a model's logits).
+"""
+
+from .indicator import model_logits, relative_rank_indicator, relative_rank_terms
+from .noise_metric import NoiseSensitivity, noise_sensitivity
+from .render import Inspection, inspect
+
+__all__ = ["inspect", "Inspection", "noise_sensitivity", "NoiseSensitivity", "relative_rank_indicator",
+           "relative_rank_terms", "model_logits"]
