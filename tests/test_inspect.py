@@ -208,18 +208,14 @@ def test_inspect_handles_a_token_longer_than_a_line():
 # ----------------------------------------------------------------------------- command line
 
 def run_cli(*args, capsys=None):
-    """``python -m ranktuner_kernels.analysis.cli ARGS`` in this process -> (exit code, stdout)."""
-    import runpy
+    """The command line's ``main`` with ARGS in this process -> (exit code, stdout); the
+    ``python -m ranktuner_kernels.analysis.cli`` entry itself runs in a subprocess below."""
+    from ranktuner_kernels.analysis import cli
 
-    argv = sys.argv
-    sys.argv = ["ranktuner_kernels.analysis.cli", *map(str, args)]
     try:
-        runpy.run_module("ranktuner_kernels.analysis.cli", run_name="__main__", alter_sys=False)
-        code = 0
-    except SystemExit as e:
+        code = cli.main([str(a) for a in args])
+    except SystemExit as e:  # argparse's usage errors
         code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    finally:
-        sys.argv = argv
     return code, capsys.readouterr().out if capsys is not None else ""
 
 

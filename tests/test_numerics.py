@@ -114,7 +114,7 @@ def test_several_tiles_and_a_late_max(v, impl):
     l32.sum().backward()
     l64.sum().backward()
     for key in ("lse", "logp_t", "entropy", "p_max", "weight"):
-        torch.testing.assert_close(s32[key].double(), s64[key], rtol=2e-5, atol=1e-6)
+        torch.testing.assert_close(s32[key].double(), s64[key], rtol=2e-5, atol=0)  # relative: row 0 is confident (H ~ 1e-8, log p_t ~ -3e-10)
     assert torch.equal(s32["rank"], s64["rank"])
     torch.testing.assert_close(x32.grad.double(), x64.grad, rtol=1e-4, atol=1e-7)
 
