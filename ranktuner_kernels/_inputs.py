@@ -10,17 +10,49 @@ import torch
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
+#: arguments that keep a call out of ``torch.compile``'s graph (collectives run eagerly)
+EAGER_ARGS = ("process_group", "dp_group")
+_DISABLED = {}
+
+
+def _compiler_disabled(fn):
+    """``torch.compiler.disable(fn)``, made once. Only called inside ``torch.compile``d code,
+    where ``torch._dynamo`` is imported already; dynamo calls it at trace time and uses the
+    result as a constant (the flag below is what ``torch._dynamo.assume_constant_result``
+    sets), so the cache adds no guard."""
+    disabled = _DISABLED.get(fn)
+    if disabled is None:
+        disabled = _DISABLED[fn] = torch.compiler.disable(fn)
+    return disabled
+
+
+_compiler_disabled._dynamo_marked_constant = True
+
+
 def eager(fn):
     """Run ``fn`` eagerly inside ``torch.compile``d code (a graph break at the call), like
-    ``torch.compiler.disable``, without importing ``torch._dynamo`` before the first call."""
-    disabled = None
+    ``torch.compiler.disable``; an eager call is a plain call, and never imports
+    ``torch._dynamo`` (several seconds)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        nonlocal disabled
-        if disabled is None:
-            disabled = torch.compiler.disable(fn)
-        return disabled(*args, **kwargs)
+        if torch.compiler.is_compiling():
+            return _compiler_disabled(fn)(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def compilable(fn):
+    """Let ``torch.compile`` trace ``fn`` (its autograd Function becomes a custom op, ``_ops``),
+    except for calls with a process group (:data:`EAGER_ARGS`, keyword arguments), which run
+    eagerly as with :func:`eager`. An eager call is a plain call."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if torch.compiler.is_compiling() and any(kwargs.get(k) is not None for k in EAGER_ARGS):
+            return _compiler_disabled(fn)(*args, **kwargs)
+        return fn(*args, **kwargs)
 
     return wrapper
 
@@ -67,6 +99,8 @@ def check_range(flat: torch.Tensor, v_size: int, ignore_index: int, num_items=No
     ``num_items_in_batch`` must not be negative. Reads one flag pair back from the device (a
     synchronisation): the Triton paths call it after queueing their kernels, which clamp the
     index they load, so the check waits for work that was queued anyway."""
+    if torch.compiler.is_compiling():
+        return  # a read-back cannot be traced: the custom ops (_ops) check at run time
     bad = (flat != ignore_index) & ((flat < 0) | (flat >= v_size))
     flags = bad.any()
     if isinstance(num_items, torch.Tensor):

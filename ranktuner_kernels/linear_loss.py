@@ -274,7 +274,7 @@ def autocast_inputs(*tensors):
     return tuple(None if t is None else t.to(dt) for t in tensors)
 
 
-@_inputs.eager
+@_inputs.compilable
 def linear_cross_entropy(
     input: torch.Tensor,
     linear_weight: torch.Tensor,
@@ -389,9 +389,10 @@ def linear_cross_entropy(
     params = LossParams(weighting, get_backend(impl, input), shape, ignore_index, reduction, tr, label_smoothing,
                         z_loss, rows=rows, acc_policy=policy, grad_enabled=torch.is_grad_enabled(), shard=shard,
                         dp_group=dp_group, reduce_input_grad=bool(reduce_input_grad))
+    from . import _ops  # LinearTokenLossFunction.apply, or its custom op under torch.compile
+
     with torch.autocast(input.device.type, enabled=False):
-        loss, w, zl, *stats = LinearTokenLossFunction.apply(h, linear_weight, linear_bias, flat_target, scale, norm,
-                                                            params)
+        loss, w, zl, *stats = _ops.linear_loss(h, linear_weight, linear_bias, flat_target, scale, norm, params)
     if return_stats:
         return loss, stats_dict(shape, keep, w, zl, RowStats(*stats))
     return loss

@@ -96,7 +96,7 @@ def _params(backend, shape, ignore_index, softcap, temperature, **kw):
     return LossParams(resolve("sft"), backend, shape, ignore_index, "none", tr, **kw)
 
 
-@_inputs.eager
+@_inputs.compilable
 def logprobs(input: torch.Tensor, target: torch.Tensor, *, temperature: float = 1.0, softcap: float | None = None,
              ignore_index: int = -100, impl: str = "auto"):
     """Per-token ``log pi(y_t)`` and entropy ``H_t`` (nats) of ``softmax(z')`` from logits.
@@ -115,12 +115,14 @@ def logprobs(input: torch.Tensor, target: torch.Tensor, *, temperature: float = 
     flat = _inputs.check_target(target, shape, input, "input")
     backend = get_backend(impl, input)
     params = _params(backend, shape, ignore_index, softcap, temperature)
+    from . import _ops  # LogProbsFunction.apply, or its custom op under torch.compile
+
     logp, ent = checked_range(backend, flat, input.shape[-1], ignore_index, None,
-                              lambda: LogProbsFunction.apply(logits, flat, params))
+                              lambda: _ops.logprobs(logits, flat, params))
     return logp.reshape(shape), ent.reshape(shape)
 
 
-@_inputs.eager
+@_inputs.compilable
 def linear_logprobs(input: torch.Tensor, linear_weight: torch.Tensor, target: torch.Tensor, *,
                     linear_bias: torch.Tensor | None = None, temperature: float = 1.0, softcap: float | None = None,
                     ignore_index: int = -100, chunk_size: int | None = None, acc_policy: str = "auto",
@@ -146,6 +148,8 @@ def linear_logprobs(input: torch.Tensor, linear_weight: torch.Tensor, target: to
     _inputs.check_range(flat, v_size, ignore_index)
     params = _params(get_backend(impl, input), shape, ignore_index, softcap, temperature, rows=rows,
                      acc_policy=policy)
+    from . import _ops  # LinearLogProbsFunction.apply, or its custom op under torch.compile
+
     with torch.autocast(input.device.type, enabled=False):
-        logp, ent = LinearLogProbsFunction.apply(h, linear_weight, linear_bias, flat, params)
+        logp, ent = _ops.linear_logprobs(h, linear_weight, linear_bias, flat, params)
     return logp.reshape(shape), ent.reshape(shape)

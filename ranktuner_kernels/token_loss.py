@@ -155,7 +155,7 @@ def _legacy(size_average, reduce):
         raise ValueError("size_average / reduce: deprecated in torch and not supported; use reduction=")
 
 
-@_inputs.eager
+@_inputs.compilable
 def cross_entropy(
     input: torch.Tensor,
     target: torch.Tensor,
@@ -258,8 +258,10 @@ def cross_entropy(
     if shard is not None:  # checked once against the whole vocabulary, then shard-local indices
         _inputs.check_range(flat_target, v_size, ignore_index, num_items_in_batch)
         flat_target = _distributed.local_target(flat_target, shard, ignore_index)
+    from . import _ops  # TokenLossFunction.apply, or its custom op under torch.compile
+
     loss, w, zl, *stats = checked_range(backend, flat_target, v_size, ignore_index, num_items_in_batch,
-                                        lambda: TokenLossFunction.apply(logits, flat_target, scale, norm, params),
+                                        lambda: _ops.token_loss(logits, flat_target, scale, norm, params),
                                         checked=shard is not None)
     if return_stats:
         return loss, stats_dict(shape, keep, w, zl, RowStats(*stats))
