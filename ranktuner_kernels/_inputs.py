@@ -12,21 +12,6 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 #: arguments that keep a call out of ``torch.compile``'s graph (collectives run eagerly)
 EAGER_ARGS = ("process_group", "dp_group")
-_DISABLED = {}
-
-
-def _compiler_disabled(fn):
-    """``torch.compiler.disable(fn)``, made once. Only called inside ``torch.compile``d code,
-    where ``torch._dynamo`` is imported already; dynamo calls it at trace time and uses the
-    result as a constant (the flag below is what ``torch._dynamo.assume_constant_result``
-    sets), so the cache adds no guard."""
-    disabled = _DISABLED.get(fn)
-    if disabled is None:
-        disabled = _DISABLED[fn] = torch.compiler.disable(fn)
-    return disabled
-
-
-_compiler_disabled._dynamo_marked_constant = True
 
 
 def eager(fn):
@@ -37,7 +22,7 @@ def eager(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         if torch.compiler.is_compiling():
-            return _compiler_disabled(fn)(*args, **kwargs)
+            return torch.compiler.disable(fn)(*args, **kwargs)  # dynamo is imported by now
         return fn(*args, **kwargs)
 
     return wrapper
@@ -51,7 +36,7 @@ def compilable(fn):
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         if torch.compiler.is_compiling() and any(kwargs.get(k) is not None for k in EAGER_ARGS):
-            return _compiler_disabled(fn)(*args, **kwargs)
+            return torch.compiler.disable(fn)(*args, **kwargs)  # dynamo is imported by now
         return fn(*args, **kwargs)
 
     return wrapper

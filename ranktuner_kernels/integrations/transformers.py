@@ -198,7 +198,7 @@ class NLLMeter:
         that its state (None before the first batch, the running sums after) is never read
         while tracing: no guard on it, no recompilation on later steps."""
         if torch.compiler.is_compiling():
-            if mode not in self._current:
+            if mode not in ("train", "eval"):  # not self._current: reading it would guard on its state
                 raise ValueError(f"mode: expected 'train' or 'eval', got {mode!r}")
             from .. import _ops
 
