@@ -21,7 +21,8 @@ from ranktuner_kernels import _ops
 dynamo = pytest.importorskip("torch._dynamo")
 from torch._dynamo.testing import CompileCounterWithBackend  # noqa: E402
 
-IMPLS = ["reference", "triton"]
+#: the Triton cases run the interpreter inside the compiled graph: several seconds each
+IMPLS = ["reference", pytest.param("triton", marks=pytest.mark.slow)]
 STEPS = 3
 
 
@@ -47,12 +48,12 @@ def _flat(out):
     return flat
 
 
-def check_compiled(fn, make_inputs, steps=STEPS):
+def check_compiled(fn, make_inputs, steps=STEPS, backend="aot_eager"):
     """Run ``fn(*inputs, g)`` compiled (``fullgraph=True``: a graph break raises) and eagerly for
     ``steps`` batches of one shape, with upstream gradients ``g`` of 1, 0.7 and 2 (the fused
     path's stored-gradient and recompute branches); outputs and the inputs' gradients must
     match, and the compiled function must be compiled once."""
-    counter = CompileCounterWithBackend("aot_eager")
+    counter = CompileCounterWithBackend(backend)
     compiled = torch.compile(fn, fullgraph=True, backend=counter)
     for step in range(steps):
         inputs = make_inputs(step)
@@ -167,6 +168,41 @@ def test_linear_logprobs_compiled(impl):
         return logp * g, ent
 
     check_compiled(fn, _hidden_batch(bias=True))
+
+
+@pytest.mark.slow
+def test_inductor_compiled():
+    """The default backend (inductor, C++ on CPU) around the fused loss's op."""
+    def fn(h, w, target, g):
+        loss, stats = rk.linear_cross_entropy(h, w, target, weighting="dft", impl="reference", return_stats=True)
+        return loss * g, stats
+
+    check_compiled(fn, _hidden_batch(), backend="inductor")
+
+
+def test_new_shapes_recompile_once_then_dynamic():
+    """A new sequence length recompiles once, with dynamic shapes (the ops take ``shape`` and
+    ``rows`` as arguments, not in the interned key); later lengths reuse that graph."""
+    counter = CompileCounterWithBackend("aot_eager")
+
+    def fn(h, w, target):
+        loss, stats = rk.linear_cross_entropy(h, w, target, weighting="talr", impl="reference", chunk_size=3,
+                                              return_stats=True)
+        per_token = rk.cross_entropy(h @ w.T, target, weighting="dft", reduction="none", impl="reference")
+        return loss + per_token.sum(), stats["entropy"]
+
+    compiled = torch.compile(fn, fullgraph=True, backend=counter)
+    for step, t in enumerate((5, 7, 9, 4)):
+        inputs = _hidden_batch(t=t)(step)
+        results = []
+        for f in (compiled, fn):
+            leaves = _leaves(inputs)
+            loss, entropy = f(*leaves)
+            loss.backward()
+            results.append((loss, entropy, leaves[0].grad, leaves[1].grad))
+        for a, b in zip(*results):
+            torch.testing.assert_close(a, b, equal_nan=True)
+    assert counter.frame_count == 2
 
 
 def test_no_grad_compiled():
