@@ -54,14 +54,16 @@ _PARAMS: dict = {}
 
 
 def _intern(weighting, backend: str, ignore_index: int, reduction: str, softcap, temperature: float,
-            label_smoothing: float, z_loss: float, acc_policy: str, grad_enabled: bool, reduce_input_grad: bool) -> str:
+            label_smoothing: float, z_loss: float, acc_policy: str, grad_enabled: bool,
+            reduce_input_grad: bool) -> str:
     """The string key of these settings in the interned table (added on first use). The
     weighting configs are frozen dataclasses, so their ``repr`` names them and their options."""
     fields = (weighting, backend, ignore_index, reduction, softcap, temperature, label_smoothing, z_loss, acc_policy,
               grad_enabled, reduce_input_grad)
     key = repr(fields)
     if key not in _PARAMS:
-        _PARAMS[key] = LossParams(weighting, Backend(backend), (), ignore_index, reduction, Transform(softcap, temperature),
+        _PARAMS[key] = LossParams(weighting, Backend(backend), (), ignore_index, reduction,
+                                  Transform(softcap, temperature),
                                   label_smoothing, z_loss, acc_policy=acc_policy, grad_enabled=grad_enabled,
                                   reduce_input_grad=reduce_input_grad)
     return key
@@ -79,8 +81,8 @@ def key_of(params: LossParams) -> str:
         raise ValueError("inplace_backward: not supported under torch.compile (the compiled backward cannot "
                          "write the gradient over the logits); use inplace_backward=False")
     return _intern(params.weighting, params.backend.name, params.ignore_index, params.reduction,
-                   params.transform.softcap, params.transform.temperature, params.label_smoothing, params.z_loss, params.acc_policy,
-                   params.grad_enabled, params.reduce_input_grad)
+                   params.transform.softcap, params.transform.temperature, params.label_smoothing, params.z_loss,
+                   params.acc_policy, params.grad_enabled, params.reduce_input_grad)
 
 
 def params_of(key: str, shape, rows: int) -> LossParams:
@@ -219,8 +221,6 @@ def _token_setup(ctx, inputs, output):
 def _token_backward(ctx, *grads):
     g = _grad_list(grads)[0]
     logits, target, lse, logp_t, entropy, logit_mean, w, beta, norm = ctx.saved_tensors
-    if g is None:
-        g = torch.zeros((), dtype=lse.dtype, device=lse.device)  # pragma: no cover
     dz = token_loss_backward_op(g, logits, target, lse, logp_t, entropy, logit_mean, w, beta, norm, ctx.shape,
                                 ctx.key)
     return dz, None, None, None, None, None
