@@ -255,17 +255,25 @@ def test_eager_functions_break_the_graph_once():
     assert counter.frame_count == 2  # the graphs before and after the break, each compiled once
 
 
-def test_opcheck_token_loss():
+def _opcheck_args(kind):
+    key = _ops._intern(rk.weightings.resolve("dft"), "reference", -100, "mean", None, 1.0, 0.0, 0.0, "compact", True,
+                       True)
+    if kind == "token_loss":
+        logits, target = _logits_batch()(0)
+        norm = torch.tensor(float((target != -100).sum()))
+        return _ops.token_loss_op, (logits, target.reshape(-1), None, norm, list(target.shape), key)
+    h, w, target, b = _hidden_batch(bias=True)(0)
+    norm = torch.tensor(float((target != -100).sum()))
+    return _ops.linear_loss_op, (h.reshape(-1, h.shape[-1]), w, b, target.reshape(-1), None, norm,
+                                 list(target.shape), 4, [True, True, True], key)
+
+
+@pytest.mark.parametrize("kind", ["token_loss", "linear_loss"])
+def test_opcheck(kind):
     """torch.library.opcheck: schema, fake implementation and autograd registration agree with
     the op's real behaviour."""
-    logits, target = _logits_batch()(0)
-    params = rk._params.LossParams(rk.weightings.resolve("dft"), rk._dispatch.get_backend("reference", logits),
-                                   tuple(target.shape))
-    key = _ops._intern(params.weighting, "reference", -100, "mean", None, 1.0, 0.0, 0.0, "accurate", True, True)
-    norm = torch.tensor(float((target != -100).sum()))
-    args = (logits, target.reshape(-1), None, norm, list(target.shape), key)
-    torch.library.opcheck(_ops.token_loss_op, args, test_utils=("test_schema", "test_faketensor",
-                                                               "test_autograd_registration"))
+    op, args = _opcheck_args(kind)
+    torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
 # ----------------------------------------------------------------------------- a patched model
