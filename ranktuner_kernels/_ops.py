@@ -493,8 +493,8 @@ def register_meter(meter) -> int:
 @torch.library.custom_op(f"{NS}::nll_record", mutates_args=())
 def nll_record_op(total: Tensor, count: Tensor, meter: int, mode: str) -> Tensor:
     """Add ``(total, count)`` to NLL meter ``meter`` at run time and return ``total / count``.
-    The meter's state lives outside the graph (no guard on it); the returned mean is a graph
-    output (the model output's ``nll``), so the op is never dead code."""
+    The meter's state lives outside the graph (no guard on it); the op is registered as
+    effectful, so it runs even when nothing reads its result."""
     target = _METERS.get(meter)
     if target is not None:
         target.add(mode, total, count)
@@ -504,3 +504,17 @@ def nll_record_op(total: Tensor, count: Tensor, meter: int, mode: str) -> Tensor
 @nll_record_op.register_fake
 def _(total, count, meter, mode):
     return torch.empty_like(total)
+
+
+def _mark_effectful():
+    """Keep the op when its result is unused (``return_dict=False`` drops ``nll``): without an
+    effect the compilers remove it as dead code and the meter misses the batch."""
+    try:
+        from torch._library.effects import EffectType
+
+        torch.library._register_effectful_op(f"{NS}::nll_record", EffectType.ORDERED)
+    except (ImportError, AttributeError):  # older torch: the FX side-effect set
+        torch.fx.node.has_side_effect(torch.ops.ranktuner.nll_record.default)
+
+
+_mark_effectful()

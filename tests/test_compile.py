@@ -276,6 +276,30 @@ def test_opcheck(kind):
     torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
+def test_nll_meter_records_from_compiled_code():
+    """The meter is updated when the compiled code runs, even when the returned mean is unused
+    (the op is effectful, not dead code), and tracing reads none of its state (no recompile)."""
+    from ranktuner_kernels.integrations.transformers import NLLMeter
+
+    meter = NLLMeter()
+
+    def fn(x):
+        total, count = (x.detach() ** 2).sum(), (x.detach() > 0).sum().float()
+        meter.record("train", total, count)  # result dropped
+        return (x * 2).sum()
+
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(fn, fullgraph=True, backend=counter)
+    expected = []
+    for step in range(STEPS):
+        x = torch.randn(6, generator=torch.Generator().manual_seed(step), requires_grad=True)
+        compiled(x).backward()
+        expected.append(float((x.detach() ** 2).sum() / (x.detach() > 0).sum()))
+        meter.end_step()
+    assert counter.frame_count == 1
+    assert meter.pop_train() == pytest.approx(sum(expected) / len(expected))
+
+
 # ----------------------------------------------------------------------------- a patched model
 
 
