@@ -267,7 +267,8 @@ def linear_loss_op(h: Tensor, weight: Tensor, bias: Optional[Tensor], target: Te
     want = _linear_needs(params, needs, bias)
     if not _one_sweep(params, needs):
         stored = (None, None, None)
-    grads = [t if (ok and t is not None) else _empty(like) for t, ok, like in zip(stored, want, (h, weight, w))]
+    likes = (h, weight, bias if bias is not None else w)
+    grads = [t if (ok and t is not None) else _empty(like) for t, ok, like in zip(stored, want, likes)]
     outs = [loss, w, zl if has_zl else _empty(w), *stats[:6], stats[6] if has_mean else _empty(w),
             beta if has_beta else _empty(w), *grads]
     return _fresh(outs, (h, weight, bias, target, scale, norm))
@@ -300,7 +301,8 @@ def linear_loss_backward_op(grad: Tensor, h: Tensor, weight: Tensor, bias: Optio
     ctx = _Ctx(needs_input_grad=(*needs, False, False, False, False), params=params, one_sweep=sweep,
                saved_tensors=(h, weight, bias, target, lse, logp_t, entropy, logit_mean, w, beta, norm, *stored))
     out = LinearTokenLossFunction.backward(ctx, grad)[:3]
-    grads = [t if (ok and t is not None) else _empty(like) for t, ok, like in zip(out, want, (h, weight, w))]
+    likes = (h, weight, bias if bias is not None else w)
+    grads = [t if (ok and t is not None) else _empty(like) for t, ok, like in zip(out, want, likes)]
     return _fresh(grads, (grad, h, weight, bias, target, lse, logp_t, entropy, logit_mean, w, beta, norm, dh, dw, db))
 
 
@@ -436,7 +438,8 @@ def linear_logprobs_backward_op(g_logp: Tensor, g_ent: Tensor, h: Tensor, weight
                params=params)
     out = LinearLogProbsFunction.backward(ctx, g_logp, g_ent)[:3]
     want = _linear_needs(params, needs, bias)
-    grads = [t if (ok and t is not None) else _empty(like) for t, ok, like in zip(out, want, (h, weight, lse))]
+    likes = (h, weight, bias if bias is not None else lse)
+    grads = [t if (ok and t is not None) else _empty(like) for t, ok, like in zip(out, want, likes)]
     return _fresh(grads, (g_logp, g_ent, h, weight, bias, target, lse, logp, ent))
 
 

@@ -256,19 +256,22 @@ def test_eager_functions_break_the_graph_once():
 
 
 def _opcheck_args(kind):
-    key = _ops._intern(rk.weightings.resolve("dft"), "reference", -100, "mean", None, 1.0, 0.0, 0.0, "compact", True,
-                       True)
+    weighting = "talr" if kind.endswith("talr") else "dft"
+    key = _ops._intern(rk.weightings.resolve(weighting), "reference", -100, "mean", None, 1.0, 0.0, 0.0, "compact",
+                       True, True)
     if kind == "token_loss":
         logits, target = _logits_batch()(0)
         norm = torch.tensor(float((target != -100).sum()))
         return _ops.token_loss_op, (logits, target.reshape(-1), None, norm, list(target.shape), key)
     h, w, target, b = _hidden_batch(bias=True)(0)
+    if kind.startswith("linear_loss_bf16"):  # gradients in backward only (TALR): 16-bit placeholders
+        h, w, b = (t.detach().bfloat16().requires_grad_() for t in (h, w, b))
     norm = torch.tensor(float((target != -100).sum()))
     return _ops.linear_loss_op, (h.reshape(-1, h.shape[-1]), w, b, target.reshape(-1), None, norm,
                                  list(target.shape), 4, [True, True, True], key)
 
 
-@pytest.mark.parametrize("kind", ["token_loss", "linear_loss"])
+@pytest.mark.parametrize("kind", ["token_loss", "linear_loss", "linear_loss_bf16_talr"])
 def test_opcheck(kind):
     """torch.library.opcheck: schema, fake implementation and autograd registration agree with
     the op's real behaviour."""
