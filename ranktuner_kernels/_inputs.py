@@ -10,8 +10,9 @@ import torch
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
-#: arguments that keep a call out of ``torch.compile``'s graph (collectives run eagerly)
-EAGER_ARGS = ("process_group", "dp_group")
+#: arguments that, set (not None or False), keep a call out of ``torch.compile``'s graph:
+#: collectives, and a backward that writes over the logits, run eagerly
+EAGER_ARGS = ("process_group", "dp_group", "inplace_backward")
 
 
 def eager(fn):
@@ -30,12 +31,12 @@ def eager(fn):
 
 def compilable(fn):
     """Let ``torch.compile`` trace ``fn`` (its autograd Function becomes a custom op, ``_ops``),
-    except for calls with a process group (:data:`EAGER_ARGS`, keyword arguments), which run
-    eagerly as with :func:`eager`. An eager call is a plain call."""
+    except for calls with a process group or ``inplace_backward=True`` (:data:`EAGER_ARGS`,
+    keyword arguments), which run eagerly as with :func:`eager`. An eager call is a plain call."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        if torch.compiler.is_compiling() and any(kwargs.get(k) is not None for k in EAGER_ARGS):
+        if torch.compiler.is_compiling() and any(kwargs.get(k) not in (None, False) for k in EAGER_ARGS):
             return torch.compiler.disable(fn)(*args, **kwargs)  # dynamo is imported by now
         return fn(*args, **kwargs)
 

@@ -16,9 +16,9 @@ which :func:`_intern` turns into a string key of an interned table. Dynamo calls
 trace time (it is marked as having a constant result) and bakes the key into the graph, so
 the key adds no guard and every later step reuses the compiled graph.
 
-Not compiled: vocabulary- or data-parallel calls (``process_group``, ``dp_group``) run the
-Functions eagerly (a graph break, see ``_inputs.compilable``); ``inplace_backward=True`` is
-refused under ``torch.compile`` (an op may not hand back its input's memory as the gradient).
+Not compiled: vocabulary- or data-parallel calls (``process_group``, ``dp_group``) and
+``inplace_backward=True`` (an op may not hand back its input's memory as the gradient) run the
+Functions eagerly (a graph break, see ``_inputs.compilable``).
 
 The op outputs are fixed lists: a result that the Function returns as ``None`` (no z-loss,
 no label smoothing, no entropy term, a gradient nobody needs) is an empty placeholder, decided
@@ -75,11 +75,6 @@ _intern._dynamo_marked_constant = True
 
 
 def key_of(params: LossParams) -> str:
-    if params.shard is not None or params.dp_group is not None:
-        raise AssertionError("process groups run eagerly (_inputs.compilable)")
-    if params.inplace_backward:
-        raise ValueError("inplace_backward: not supported under torch.compile (the compiled backward cannot "
-                         "write the gradient over the logits); use inplace_backward=False")
     return _intern(params.weighting, params.backend.name, params.ignore_index, params.reduction,
                    params.transform.softcap, params.transform.temperature, params.label_smoothing, params.z_loss,
                    params.acc_policy, params.grad_enabled, params.reduce_input_grad)
@@ -95,8 +90,10 @@ def params_of(key: str, shape, rows: int) -> LossParams:
 
 
 def compiling(params: LossParams) -> bool:
-    """Route this call through the custom ops (inside ``torch.compile``, no process group)."""
-    return torch.compiler.is_compiling() and params.shard is None and params.dp_group is None
+    """Route this call through the custom ops (inside ``torch.compile``; the calls that
+    ``_inputs.compilable`` keeps eager never get here while compiling)."""
+    return (torch.compiler.is_compiling() and params.shard is None and params.dp_group is None
+            and not params.inplace_backward)
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -230,13 +230,22 @@ def test_bad_target_raises_at_run_time():
         compiled(logits, target)
 
 
-def test_inplace_backward_refused_when_compiled():
-    def fn(logits, target):
-        return rk.cross_entropy(logits, target, impl="reference", inplace_backward=True)
+def test_inplace_backward_runs_eagerly_when_compiled():
+    """``inplace_backward=True`` cannot be an op (it hands the logits' memory back as their
+    gradient): the call runs eagerly (one graph break), with eager's values and gradients."""
+    def fn(x, target):
+        return rk.cross_entropy(x * 1.5, target, weighting="dft", impl="reference", inplace_backward=True) * 2
 
     logits, target = _logits_batch()(0)
-    with pytest.raises(Exception, match="inplace_backward"):
-        torch.compile(fn, fullgraph=True, backend="aot_eager")(logits.detach().clone().requires_grad_(), target)
+    assert dynamo.explain(fn)(logits.detach(), target).graph_break_count == 1
+    results = []
+    for f in (torch.compile(fn, backend="aot_eager"), fn):
+        x = logits.detach().clone().requires_grad_()
+        loss = f(x, target)
+        loss.backward()
+        results.append((loss, x.grad))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)
 
 
 def test_eager_functions_break_the_graph_once():
