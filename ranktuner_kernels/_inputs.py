@@ -12,17 +12,35 @@ from .weightings import Weighting
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
+#: arguments that, set (not None or False), keep a call out of ``torch.compile``'s graph:
+#: collectives, and a backward that writes over the logits, run eagerly
+EAGER_ARGS = ("process_group", "dp_group", "inplace_backward")
+
+
 def eager(fn):
     """Run ``fn`` eagerly inside ``torch.compile``d code (a graph break at the call), like
-    ``torch.compiler.disable``, without importing ``torch._dynamo`` before the first call."""
-    disabled = None
+    ``torch.compiler.disable``; an eager call is a plain call, and never imports
+    ``torch._dynamo`` (several seconds)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        nonlocal disabled
-        if disabled is None:
-            disabled = torch.compiler.disable(fn)
-        return disabled(*args, **kwargs)
+        if torch.compiler.is_compiling():
+            return torch.compiler.disable(fn)(*args, **kwargs)  # dynamo is imported by now
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def compilable(fn):
+    """Let ``torch.compile`` trace ``fn`` (its autograd Function becomes a custom op, ``_ops``),
+    except for calls with a process group or ``inplace_backward=True`` (:data:`EAGER_ARGS`,
+    keyword arguments), which run eagerly as with :func:`eager`. An eager call is a plain call."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if torch.compiler.is_compiling() and any(kwargs.get(k) not in (None, False) for k in EAGER_ARGS):
+            return torch.compiler.disable(fn)(*args, **kwargs)  # dynamo is imported by now
+        return fn(*args, **kwargs)
 
     return wrapper
 
@@ -74,6 +92,8 @@ def check_range(flat: torch.Tensor, v_size: int, ignore_index: int, num_items=No
     ``num_items_in_batch`` must not be negative. Reads one flag pair back from the device (a
     synchronisation): the Triton paths call it after queueing their kernels, which clamp the
     index they load, so the check waits for work that was queued anyway."""
+    if torch.compiler.is_compiling():
+        return  # a read-back cannot be traced: the custom ops (_ops) check at run time
     bad = (flat != ignore_index) & ((flat < 0) | (flat >= v_size))
     flags = bad.any()
     if isinstance(num_items, torch.Tensor):

@@ -44,7 +44,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _call, _inputs, _terms
+from . import _call, _inputs, _ops, _terms
 from ._chunks import ACC_POLICIES, CHUNK_BYTES, Grads, chunk_logits, gradient_sweep, needs_grads
 from ._params import LossParams
 from .reference import RowStats, compute_dtype
@@ -59,6 +59,7 @@ def _power_of_two(g: torch.Tensor) -> bool:
     return bool(mantissa.abs() == 0.5)
 
 
+@_ops.function("linear_loss")
 class LinearTokenLossFunction(torch.autograd.Function):
     """``h [N, D]``, ``weight [V, D]``, ``bias [V]`` or None, ``target [N]`` int64,
     ``scale [N]`` or None, ``norm`` -> ``(loss, w, z_loss, *RowStats)``; ``loss`` is
@@ -140,11 +141,11 @@ class LinearTokenLossFunction(torch.autograd.Function):
 def run(call: _call.Call):
     """The one call site of :class:`LinearTokenLossFunction`: ``(loss, w, z_loss, *RowStats)``."""
     with torch.autocast(call.input.device.type, enabled=False):
-        return LinearTokenLossFunction.apply(call.input, call.linear_weight, call.linear_bias, call.target, call.scale,
+        return _ops.linear_loss(call.input, call.linear_weight, call.linear_bias, call.target, call.scale,
                                              call.norm, call.params)
 
 
-@_inputs.eager
+@_inputs.compilable
 def linear_cross_entropy(
     input: torch.Tensor,
     linear_weight: torch.Tensor,

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from . import _call, _inputs
+from . import _call, _inputs, _ops
 from ._chunks import Grads, chunk_logits, gradient_sweep, needs_grads
 from ._params import LossParams
 from .reference import GradCoefs, RowStats, compute_dtype
@@ -37,6 +37,7 @@ def _grad_or_zero(g, like):
     return torch.zeros_like(like) if g is None else g.to(like.dtype)
 
 
+@_ops.function("logprobs")
 class LogProbsFunction(torch.autograd.Function):
     """``logits [B, T, V]``, ``target [B*T]`` -> ``(logp [B*T], entropy [B*T])``."""
 
@@ -59,6 +60,7 @@ class LogProbsFunction(torch.autograd.Function):
         return out, None, None
 
 
+@_ops.function("linear_logprobs")
 class LinearLogProbsFunction(torch.autograd.Function):
     """``h [N, D]``, ``weight [V, D]``, ``bias [V]`` or None, ``target [N]`` ->
     ``(logp [N], entropy [N])``; differentiable w.r.t. ``h``, ``weight``, ``bias``."""
@@ -92,15 +94,15 @@ def run(call: _call.Call):
     """The one call site of :class:`LogProbsFunction` / :class:`LinearLogProbsFunction`:
     ``(logp, entropy)`` shaped like the target."""
     if call.linear_weight is None:
-        logp, ent = _call.checked(call, lambda: LogProbsFunction.apply(call.input, call.target, call.params))
+        logp, ent = _call.checked(call, lambda: _ops.logprobs(call.input, call.target, call.params))
     else:
         with torch.autocast(call.input.device.type, enabled=False):
-            logp, ent = _call.checked(call, lambda: LinearLogProbsFunction.apply(
+            logp, ent = _call.checked(call, lambda: _ops.linear_logprobs(
                 call.input, call.linear_weight, call.linear_bias, call.target, call.params))
     return logp.reshape(call.shape), ent.reshape(call.shape)
 
 
-@_inputs.eager
+@_inputs.compilable
 def logprobs(input: torch.Tensor, target: torch.Tensor, *, temperature: float = 1.0, softcap: float | None = None,
              ignore_index: int = -100, impl: str = "auto"):
     """Per-token ``log pi(y_t)`` and entropy ``H_t`` (nats) of ``softmax(z')`` from logits.
@@ -117,7 +119,7 @@ def logprobs(input: torch.Tensor, target: torch.Tensor, *, temperature: float = 
                              ignore_index=ignore_index, impl=impl))
 
 
-@_inputs.eager
+@_inputs.compilable
 def linear_logprobs(input: torch.Tensor, linear_weight: torch.Tensor, target: torch.Tensor, *,
                     linear_bias: torch.Tensor | None = None, temperature: float = 1.0, softcap: float | None = None,
                     ignore_index: int = -100, chunk_size: int | None = None, acc_policy: str = "auto",

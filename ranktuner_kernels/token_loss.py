@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import torch
 
-from . import _call, _inputs, _terms
+from . import _call, _inputs, _ops, _terms
 from ._params import LossParams
 from .reference import RowStats
 from .weightings import Terms
 
 
+@_ops.function("token_loss")
 class TokenLossFunction(torch.autograd.Function):
     """``logits [B, T, V]``, ``target [B*T]`` int64, ``scale [B*T]`` or None, ``norm`` (the
     divisor of ``"mean"``) -> ``(loss, w, z_loss, *RowStats)``; only ``loss`` is
@@ -63,7 +64,7 @@ class TokenLossFunction(torch.autograd.Function):
 
 def run(call: _call.Call):
     """The one call site of :class:`TokenLossFunction`: ``(loss, w, z_loss, *RowStats)``."""
-    return _call.checked(call, lambda: TokenLossFunction.apply(call.input, call.target, call.scale, call.norm,
+    return _call.checked(call, lambda: _ops.token_loss(call.input, call.target, call.scale, call.norm,
                                                                call.params))
 
 
@@ -72,7 +73,7 @@ def _legacy(size_average, reduce):
         raise ValueError("size_average / reduce: deprecated in torch and not supported; use reduction=")
 
 
-@_inputs.eager
+@_inputs.compilable
 def cross_entropy(
     input: torch.Tensor,
     target: torch.Tensor,

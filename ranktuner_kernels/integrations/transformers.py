@@ -182,6 +182,29 @@ class NLLMeter:
         self._current = {"train": None, "eval": None}
         self._steps = []
         self._last_eval = None
+        from .. import _ops
+
+        self._id = _ops.register_meter(self)  # how compiled code names this meter (record)
+
+    def __setstate__(self, state):  # a copy (deepcopy, pickle) is a meter of its own
+        from .. import _ops
+
+        self.__dict__.update(state)
+        self._id = _ops.register_meter(self)
+
+    def record(self, mode: str, total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+        """:meth:`add`, and return the batch's mean NLL ``total / count``. Inside
+        ``torch.compile`` the meter is updated by a custom op when the compiled code runs, so
+        that its state (None before the first batch, the running sums after) is never read
+        while tracing: no guard on it, no recompilation on later steps."""
+        if torch.compiler.is_compiling():
+            if mode not in ("train", "eval"):  # not self._current: reading it would guard on its state
+                raise ValueError(f"mode: expected 'train' or 'eval', got {mode!r}")
+            from .. import _ops
+
+            return _ops.nll_record_op(total, count, self._id, mode)
+        self.add(mode, total, count)
+        return _mean_nll(total, count)
 
     def add(self, mode: str, total: torch.Tensor, count: torch.Tensor) -> None:
         """Add one batch's ``total`` (sum of NLL) and ``count`` (kept tokens) to ``mode``."""
@@ -485,15 +508,27 @@ def _targets(labels, shift_labels, ignore_index, full_shape, kept_shape, logits_
     return _align_targets(shift_labels, full_shape, kept_shape, logits_to_keep)
 
 
+def _output_fields() -> tuple:
+    """``CausalLMOutputWithPast``'s field names but ``loss`` and ``logits``. Marked as having a
+    constant result (what ``torch._dynamo.assume_constant_result`` sets, without importing
+    dynamo): ``torch.compile`` calls it at trace time instead of tracing ``dataclasses.fields``
+    (a graph break)."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    return tuple(f.name for f in dataclasses.fields(CausalLMOutputWithPast) if f.name not in ("loss", "logits"))
+
+
+_output_fields._dynamo_marked_constant = True
+
+
 def _finish(self, state, base, loss, logits, nll_total, nll_count, return_dict):
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
-    state.meter.add("train" if self.training else "eval", nll_total, nll_count)
-    fields = {f.name: getattr(base, f.name, None) for f in dataclasses.fields(CausalLMOutputWithPast)
-              if f.name not in ("loss", "logits")}
+    nll = state.meter.record("train" if self.training else "eval", nll_total, nll_count)
+    fields = {name: getattr(base, name, None) for name in _output_fields()}
     out = CausalLMOutputWithPast(loss=loss, logits=logits, **fields)
     # attributes, not keys: to_tuple() and Trainer's prediction_step see only the standard fields
-    object.__setattr__(out, "nll", _mean_nll(nll_total, nll_count))
+    object.__setattr__(out, "nll", nll)
     object.__setattr__(out, "objective", state.objective)
     return out if return_dict else out.to_tuple()
 
