@@ -336,10 +336,46 @@ def test_nll_meter_averages_like_trainer():
         meter.add("test", t(1.0), t(1.0))
 
 
+class _ShiftedLlama(transformers.LlamaForCausalLM):
+    """A forward with a logit transform the fused loss does not reproduce (``+ 1``)."""
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, logits_to_keep=0, **kwargs):
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        hidden_states = outputs.last_hidden_state
+        hidden_states = slice_logits_to_keep(hidden_states, logits_to_keep)  # noqa: F821 - never run
+        logits = self.lm_head(hidden_states)
+        logits = logits + 1.0
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
+        return transformers.modeling_outputs.CausalLMOutputWithPast(loss=loss, logits=logits)
+
+
+def test_a_forward_that_cannot_be_reproduced_is_refused_by_name():
+    shifted_model = _ShiftedLlama(make_model().config)
+    with pytest.raises(ValueError, match=r"'llama' \(_ShiftedLlama\).*logits = logits \+ 1\.0"):
+        rkt.patch_model(shifted_model)
+    model = make_model()
+    model.loss_function = lambda *args, **kwargs: None
+    with pytest.raises(ValueError, match="'llama'.*loss_function"):
+        rkt.patch_model(model)
+    assert not rkt.is_patched(model) and not rkt.is_patched(shifted_model)
+
+
+def test_default_weighting_is_sft():
+    """Every entry point defaults to plain cross-entropy: patch_model(model) gives the model's own loss."""
+    model = make_model().train()
+    ids, labels = make_batch()
+    want = model(ids, labels=labels).loss
+    got = rkt.patch_model(model)(ids, labels=labels)
+    assert got.objective == "sft"
+    torch.testing.assert_close(got.loss, want, rtol=1e-5, atol=1e-6)
+    assert rkt.make_compute_loss_func().objective == "sft"
+    for fn in (rkt.patch_model, rkt.make_compute_loss_func):
+        assert inspect.signature(fn).parameters["weighting"].default == "sft"
+
+
 def test_bad_input_raises_naming_it():
-    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=V, n_embd=16, n_layer=1, n_head=2))
-    with pytest.raises(ValueError, match="'gpt2'"):
-        rkt.patch_model(gpt2)
     with pytest.raises(TypeError, match="model"):
         rkt.patch_model(torch.nn.Linear(2, 2))
     model = make_model()

@@ -4,6 +4,7 @@
     from ranktuner_kernels.integrations.transformers import patch_model, add_nll_logging
 
     patch_model(model, weighting="ranktuner")        # model(input_ids, labels=labels).loss is fused
+                                                     # (the default weighting is "sft": plain CE)
     trainer = Trainer(model=model, args=args, ...)
     add_nll_logging(trainer)                         # logs "nll" / "eval_nll" next to "loss"
 
@@ -602,7 +603,7 @@ def check_model(model) -> None:
     _plan(_unwrap(model))
 
 
-def patch_model(model, weighting="ranktuner", *, ignore_index: int = -100, eval_logits: bool = False, **options):
+def patch_model(model, weighting="sft", *, ignore_index: int = -100, eval_logits: bool = False, **options):
     """Make ``model(..., labels=labels)`` compute its loss with :func:`rk.linear_cross_entropy`.
 
     Only this model instance is changed (its ``forward`` attribute; the class is untouched);
@@ -610,8 +611,20 @@ def patch_model(model, weighting="ranktuner", *, ignore_index: int = -100, eval_
     wraps the forward it finds). A PEFT model is unwrapped: its inner transformers model is
     patched (PEFT calls that model's forward), and the PEFT model is returned.
 
+    Which models: any whose ``forward`` follows transformers' causal-LM layout, read from the
+    class's own source at patch time (``docs/integrations.md`` lists the families): a decoder
+    call ``outputs = self.<decoder>(...)`` (``model``, ``transformer``, ``gpt_neox``,
+    ``model.decoder``, a vision-language ``model``, ...), its ``last_hidden_state`` sliced by
+    ``logits_to_keep``, the head ``get_output_embeddings()``, then only transforms the core
+    reproduces (scales ``logits * s`` / ``logits / s``, soft-caps ``c * tanh(logits / c)``, folded
+    into the core's ``softcap=`` / ``temperature=``), ``self.loss_function`` being transformers'
+    ``ForCausalLMLoss``, and an MoE router auxiliary loss (``router_aux_loss_coef *
+    load_balancing_loss_func(...)``, added with ``output_router_logits``, returned as
+    ``aux_loss``). Anything else is refused with a ValueError naming the model type and the
+    statement (:func:`check_model` tells without patching).
+
     A call with ``labels`` (``[B, T]`` token ids, ``-100`` ignored) or ``shift_labels`` runs the
-    base model (``model.model``) to the final hidden states ``[B, T, D]``, keeps the positions
+    decoder as the model's forward does to the final hidden states ``[B, T, D]``, keeps the positions
     ``logits_to_keep`` selects, and returns the loss of the head ``model.get_output_embeddings()``
     (``[V, D]``, tied or not, with its bias if any) on the next-token targets:
 
@@ -620,12 +633,15 @@ def patch_model(model, weighting="ranktuner", *, ignore_index: int = -100, eval_
       shifted, e.g. from a context-parallel collator) is used as is;
     * ``reduction="mean"``: the sum over kept tokens divided by ``num_items_in_batch`` when the
       call passes it (Trainer does, for gradient accumulation), else by the kept count;
-    * ``config.final_logit_softcapping`` (Gemma 2/3) is passed as ``softcap=``;
+    * the model's logit transforms (Gemma's ``final_logit_softcapping``, Cohere's ``logit_scale``,
+      Granite's ``logits_scaling``, ...) as ``softcap=`` / ``temperature=`` (a caller's
+      ``temperature`` divides the model's logits; a second soft-cap is refused);
     * under ``torch.autocast`` the head runs in the autocast dtype, as ``lm_head`` would;
     * ``logits_to_keep``: labels shaped like the kept positions are used as is; full-length
       labels are sliced like the hidden states.
 
-    The output is a ``CausalLMOutputWithPast`` with ``loss`` (float32 scalar, differentiable),
+    The output is the model's own output class (``CausalLMOutputWithPast``, ``MoeCausalLMOutputWithPast``
+    with ``aux_loss`` and ``router_logits``, a VLM's output, ...) with ``loss`` (float32 scalar, differentiable),
     ``logits=None`` (the logits are never materialised), the base model's ``cache``,
     ``hidden_states`` and ``attentions``, and two attributes (not keys, so ``to_tuple()`` and
     Trainer's evaluation loop see the standard fields): ``outputs.nll``, the plain mean NLL of the
@@ -638,10 +654,9 @@ def patch_model(model, weighting="ranktuner", *, ignore_index: int = -100, eval_
     logits (for ``compute_metrics`` that needs the logits); the output then has the logits.
 
     Args:
-        model: a transformers causal LM whose ``config.model_type`` is in
-            :data:`SUPPORTED_MODEL_TYPES`.
-        weighting: a name (``"ranktuner"``, ``"sft"``, ``"dft"``, ...) or a config such as
-            ``rk.RankTuner(xi="geo")``.
+        model: a transformers causal LM (or a PEFT model around one), see above.
+        weighting: ``"sft"`` (plain cross-entropy, the default), another name (``"ranktuner"``,
+            ``"dft"``, ...) or a config such as ``rk.RankTuner(xi="geo")``.
         ignore_index: the label that marks ignored positions (transformers uses -100).
         eval_logits: see above.
         **options: further keyword options of :func:`rk.linear_cross_entropy` (``chunk_size``,
@@ -652,8 +667,8 @@ def patch_model(model, weighting="ranktuner", *, ignore_index: int = -100, eval_
         ``model`` (patched in place). Patching a patched model replaces its options.
 
     Raises:
-        ValueError: a model type not in :data:`SUPPORTED_MODEL_TYPES` (the message names it), or
-            soft-capping on a core without ``softcap=``.
+        ValueError: a model whose forward cannot be reproduced (the message names its
+            ``model_type`` and the statement), or a ``softcap=`` on a model that soft-caps.
         TypeError: not a transformers model; an unknown option or weighting.
     """
     wrapper, model = model, _unwrap(model)
@@ -879,7 +894,7 @@ def _logits_loss(self, state, arguments, labels, shift_labels):
 # ----------------------------------------------------------------------------- compute_loss_func
 
 
-def make_compute_loss_func(weighting="ranktuner", *, ignore_index: int = -100, **options):
+def make_compute_loss_func(weighting="sft", *, ignore_index: int = -100, **options):
     """A ``Trainer(compute_loss_func=...)`` computing the objective on ``outputs.logits``.
 
     The returned ``loss_func(outputs, labels, num_items_in_batch=None)`` (the signature
@@ -895,7 +910,7 @@ def make_compute_loss_func(weighting="ranktuner", *, ignore_index: int = -100, *
     evaluation), which :func:`add_nll_logging` finds on ``trainer.compute_loss_func``.
 
     Args:
-        weighting: a name or a config such as ``rk.RankTuner()``.
+        weighting: ``"sft"`` (the default), another name or a config such as ``rk.RankTuner()``.
         ignore_index: the ignored label (-100).
         **options: further keyword options of :func:`rk.cross_entropy` (``impl``,
             ``inplace_backward``, ...).
