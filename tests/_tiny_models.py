@@ -12,8 +12,8 @@ from transformers.models.auto import configuration_auto, modeling_auto
 
 V = 128
 SHRINK = dict(
-    vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-    num_key_value_heads=1, head_dim=16, num_layers=2, n_layer=2, n_embd=32, n_head=2, n_positions=64,
+    vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+    num_key_value_heads=2, head_dim=8, rotary_dim=8, num_layers=2, n_layer=2, n_embd=32, n_head=2, n_positions=64,
     max_position_embeddings=64, d_model=32, num_heads=2, ffn_dim=64, num_experts=4, num_local_experts=4,
     n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32,
     n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8,
@@ -73,6 +73,10 @@ def tiny_model(model_type, class_name, seconds=20):
     """The model, in eval mode (no dropout), float32, seeded; ``Unbuildable`` with the reason."""
     config_cls = configuration_auto.CONFIG_MAPPING[model_type]
     kw = _shrunk(config_cls)
+    try:
+        cls = getattr(transformers, class_name)
+    except Exception as exc:  # noqa: BLE001
+        raise Unbuildable(f"{class_name} cannot be imported: {type(exc).__name__}: {str(exc)[:160]}") from None
     old = signal.signal(signal.SIGALRM, _alarm)
     signal.alarm(seconds)
     try:
@@ -86,10 +90,6 @@ def tiny_model(model_type, class_name, seconds=20):
                 error = f"tiny config fails: {type(exc).__name__}: {str(exc)[:160]}"
         if config is None:
             raise Unbuildable(error)
-        try:
-            cls = getattr(transformers, class_name)
-        except Exception as exc:  # noqa: BLE001
-            raise Unbuildable(f"{class_name} cannot be imported: {type(exc).__name__}: {str(exc)[:160]}") from None
         torch.manual_seed(0)
         try:
             model = cls(config)

@@ -54,7 +54,7 @@ def _batch(model, seed=0, b=2, t=8, ignore_index=-100):
 
 def _loss_and_grads(model, ids, labels):
     model.zero_grad(set_to_none=True)
-    out = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels)
+    out = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels, use_cache=False)
     out.loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     return out, grads

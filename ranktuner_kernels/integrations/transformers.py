@@ -574,6 +574,8 @@ def _plan(model) -> _HeadPlan:
     head = model.get_output_embeddings()
     if head is None or getattr(model, plan.head_attr, None) is not head:
         raise refuse(f"its forward's head `self.{plan.head_attr}` is not its get_output_embeddings()")
+    if isinstance(head, torch.nn.Linear) and getattr(type(head), "forward", None) is not torch.nn.Linear.forward:
+        raise refuse(f"its head {type(head).__name__} overrides Linear.forward (e.g. a learned logit scale)")
     if not isinstance(_decoder(model, plan), torch.nn.Module):
         raise refuse(f"its forward's decoder `self.{plan.base_attr}` is not a module")
     if plan.scales_hidden and getattr(head, "bias", None) is not None:
