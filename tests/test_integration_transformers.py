@@ -594,3 +594,20 @@ def test_trl_sft_trainer_recipe(tmp_path):
     ranktuner, _ = run(RankTunerSFTTrainer, rkt.patch_model(copy.deepcopy(base), weighting="ranktuner"),
                        tmp_path / "d", evaluate=False)
     assert all(math.isfinite(h["loss"]) and h["loss"] != pytest.approx(h["nll"]) for h in ranktuner)
+
+
+@pytest.mark.slow
+def test_fsdp2_patched_model_head_as_its_own_unit(tmp_path):
+    """patch_model under FSDP2 on 2 gloo ranks: per-layer + root units, and the LM head as its
+    own fully_shard unit (rk.distributed.head_cross_entropy), against the unpatched model."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("needs torch.distributed with gloo")
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    import distributed_cases
+
+    reports = distributed_cases.launch("hf2", 2, str(tmp_path))
+    failures = [f"rank {r['rank']}: {f}" for r in reports for f in r["failures"]]
+    assert all(r["cases"] == 3 for r in reports), reports
+    assert not failures, "\n".join(failures)

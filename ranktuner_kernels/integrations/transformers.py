@@ -35,6 +35,8 @@ import warnings
 import torch
 
 import ranktuner_kernels as rk
+import ranktuner_kernels.distributed  # noqa: F401 - rk.distributed.head_cross_entropy
+from ranktuner_kernels import _distributed
 
 from . import _heads
 
@@ -567,8 +569,10 @@ def _plan(model) -> _HeadPlan:
     for attr in ("get_output_embeddings", "forward"):
         if not callable(getattr(model, attr, None)):
             raise TypeError(f"model: {cls.__name__} has no `{attr}`; expected a transformers causal LM")
+    # the class whose forward runs (FSDP2's fully_shard makes a subclass that only adds hooks)
+    owner = next((c for c in cls.__mro__ if "forward" in c.__dict__), cls)
     try:
-        plan = _read_forward(cls)
+        plan = _read_forward(owner)
     except _Refused as exc:
         raise refuse(str(exc)) from None
     head = model.get_output_embeddings()
@@ -848,21 +852,27 @@ def _fused_loss(self, state, arguments, labels, shift_labels):
                         "last_hidden_state; expected the decoder's BaseModelOutputWithPast")
     kept = _slice_to_keep(hidden, logits_to_keep)
     target = _targets(labels, shift_labels, ignore_index, hidden.shape[:-1], kept.shape[:-1], logits_to_keep)
-    kept, weight, bias = _heads.linear_operands(self.get_output_embeddings(), kept)
-    kept = kept.to(weight.device)  # a model split across devices can end elsewhere than its head
-    target = target.to(weight.device)
-    device_type = weight.device.type
-    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
     # the model's logit transforms (soft-cap, scales) with the caller's, as the core's softcap / temperature
     softcap, temperature = _reduce_transforms(plan.transforms, self, state.options.get("softcap"),
                                               state.options.get("temperature", 1.0))
-    options = {**state.options, "softcap": softcap, "temperature": temperature}
-    with torch.autocast(device_type, enabled=False):  # the dtype is explicit: the one lm_head would use
-        loss, stats = rk.linear_cross_entropy(
-            kept.to(dtype), weight.to(dtype), target,
-            linear_bias=None if bias is None else bias.to(dtype),
-            weighting=state.weighting, ignore_index=ignore_index, reduction="mean",
-            num_items_in_batch=num_items_in_batch, return_stats=True, **options)
+    options = {**state.options, "softcap": softcap, "temperature": temperature,
+               "weighting": state.weighting, "ignore_index": ignore_index, "reduction": "mean",
+               "num_items_in_batch": num_items_in_batch, "return_stats": True}
+    head = self.get_output_embeddings()
+    if _distributed._is_fsdp_module(head):
+        # the head is its own FSDP2 unit: outside its forward its weight is a sharded DTensor; the
+        # loss runs as one of its FSDP forward methods (gathered before, resharded after)
+        loss, stats = rk.distributed.head_cross_entropy(head, kept, target, **options)
+    else:
+        kept, weight, bias = _heads.linear_operands(head, kept)
+        kept = kept.to(weight.device)  # a model split across devices can end elsewhere than its head
+        target = target.to(weight.device)
+        device_type = weight.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
+        with torch.autocast(device_type, enabled=False):  # the dtype is explicit: the one lm_head would use
+            loss, stats = rk.linear_cross_entropy(
+                kept.to(dtype), weight.to(dtype), target,
+                linear_bias=None if bias is None else bias.to(dtype), **options)
     total, count = _nll_terms(stats["logp_t"], target, ignore_index)
     aux_term, aux_loss = _router_aux(self, plan, arguments, base)
     if aux_term is not None:
