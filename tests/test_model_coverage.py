@@ -23,7 +23,8 @@ from ranktuner_kernels.integrations import transformers as rkt  # noqa: E402
 
 MODELS = mappings()
 #: families whose forward transforms the logits or adds a router loss: these must be exact
-MUST_BE_EXACT = ("granite", "cohere", "cohere2", "gemma2", "mixtral", "qwen2_moe", "gpt_neox", "llava")
+MUST_BE_EXACT = ("granite", "granitemoe", "cohere", "cohere2", "gemma2", "falcon_h1", "hyperclovax", "minicpm3",
+                 "recurrent_gemma", "mixtral", "qwen2_moe", "gpt_neox", "gpt2", "opt", "llava")
 
 
 def _special_ids(config, seen=None):
