@@ -400,12 +400,12 @@ def parallel_cases(world):
 # -- transformers integration: patch_model under FSDP2 -------------------------------------------
 
 
-def _hf_model():
+def _hf_model(tied=False):
     import transformers
 
     config = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                                       num_attention_heads=2, num_key_value_heads=1, head_dim=8,
-                                      tie_word_embeddings=False, pad_token_id=0)
+                                      tie_word_embeddings=tied, pad_token_id=0)
     torch.manual_seed(0)
     return transformers.LlamaForCausalLM(config)
 
@@ -423,7 +423,7 @@ def _hf_batches(world, ignore_index=-100):
 
 def check_patched_fsdp2(world, layout, weighting="sft"):
     """``patch_model`` on a tiny Llama under FSDP2 (``layout``: ``"layers+root"``, or
-    ``"layers+head+root"`` with the LM head its own unit): the mean over the ranks of each rank's
+    ``"tied-layers+root"`` with a tied head, ``"layers+head+root"`` with the LM head its own unit): the mean over the ranks of each rank's
     loss, and every gradient (FSDP averages them over the ranks), against the unpatched model on
     each rank's batch."""
     from torch.distributed.fsdp import fully_shard
@@ -432,7 +432,8 @@ def check_patched_fsdp2(world, layout, weighting="sft"):
 
     rank = dist.get_rank()
     batches = _hf_batches(world)
-    ref = _hf_model()
+    tied = "tied" in layout
+    ref = _hf_model(tied)
     losses, grads = [], {}
     for ids, labels in batches:
         ref.zero_grad(set_to_none=True)
@@ -444,7 +445,7 @@ def check_patched_fsdp2(world, layout, weighting="sft"):
         losses.append(loss.detach())
         for k, p in ref.named_parameters():
             grads[k] = grads.get(k, 0) + p.grad / world
-    model = _hf_model()
+    model = _hf_model(tied)
     for layer in model.model.layers:
         fully_shard(layer)
     if "head" in layout:
@@ -464,6 +465,7 @@ def check_patched_fsdp2(world, layout, weighting="sft"):
 
 def hf_suite(world):
     yield ("patched-fsdp2-layers+root", lambda: check_patched_fsdp2(world, "layers+root"))
+    yield ("patched-fsdp2-tied-layers+root", lambda: check_patched_fsdp2(world, "tied-layers+root"))
     yield ("patched-fsdp2-head-own-unit", lambda: check_patched_fsdp2(world, "layers+head+root"))
     yield ("patched-fsdp2-head-own-unit-ranktuner",
            lambda: check_patched_fsdp2(world, "layers+head+root", "ranktuner"))

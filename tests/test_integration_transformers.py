@@ -598,8 +598,8 @@ def test_trl_sft_trainer_recipe(tmp_path):
 
 @pytest.mark.slow
 def test_fsdp2_patched_model_head_as_its_own_unit(tmp_path):
-    """patch_model under FSDP2 on 2 gloo ranks: per-layer + root units, and the LM head as its
-    own fully_shard unit (rk.distributed.head_cross_entropy), against the unpatched model."""
+    """patch_model under FSDP2 on 2 gloo ranks: per-layer + root units (untied and tied heads),
+    and the LM head as its own fully_shard unit (rk.distributed.head_cross_entropy), against the unpatched model."""
     import torch.distributed as dist
 
     if not dist.is_available() or not dist.is_gloo_available():
@@ -609,5 +609,5 @@ def test_fsdp2_patched_model_head_as_its_own_unit(tmp_path):
 
     reports = distributed_cases.launch("hf2", 2, str(tmp_path))
     failures = [f"rank {r['rank']}: {f}" for r in reports for f in r["failures"]]
-    assert all(r["cases"] == 3 for r in reports), reports
+    assert all(r["cases"] == 4 for r in reports), reports
     assert not failures, "\n".join(failures)
