@@ -18,6 +18,7 @@ transformers = pytest.importorskip("transformers")
 
 import ranktuner_kernels as rk  # noqa: E402
 from ranktuner_kernels.integrations import transformers as rkt  # noqa: E402
+from transformers.modeling_utils import slice_logits_to_keep  # noqa: E402 - for the forwards below
 
 V = 128
 COMMON = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -149,11 +150,14 @@ def test_gemma2_final_logit_softcapping():
     assert_grads_close(got_grads, rt_grads, 1e-5, 1e-5)
 
 
-def test_gemma2_softcapping_without_core_support_raises():
-    if HAS_SOFTCAP:
-        pytest.skip("the core has softcap=")
-    with pytest.raises(ValueError, match="final_logit_softcapping"):
-        rkt.patch_model(make_model("gemma2", tied=True, final_logit_softcapping=30.0))
+def test_caller_temperature_divides_the_models_logits_and_a_second_softcap_is_refused():
+    model = make_model("gemma2", tied=True, final_logit_softcapping=2.0).train()
+    with pytest.raises(ValueError, match="'gemma2'.*softcap"):
+        rkt.patch_model(model, softcap=5.0)
+    ids, labels = make_batch()
+    want = rk.cross_entropy(model(ids).logits[:, :-1], labels[:, 1:], temperature=1.5, impl="reference")
+    got = rkt.patch_model(model, temperature=1.5)(ids, labels=labels).loss
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("as_tensor", [False, True])
@@ -342,13 +346,46 @@ class _ShiftedLlama(transformers.LlamaForCausalLM):
     def forward(self, input_ids=None, attention_mask=None, labels=None, logits_to_keep=0, **kwargs):
         outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
         hidden_states = outputs.last_hidden_state
-        hidden_states = slice_logits_to_keep(hidden_states, logits_to_keep)  # noqa: F821 - never run
+        hidden_states = slice_logits_to_keep(hidden_states, logits_to_keep)
         logits = self.lm_head(hidden_states)
         logits = logits + 1.0
         loss = None
         if labels is not None:
             loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
         return transformers.modeling_outputs.CausalLMOutputWithPast(loss=loss, logits=logits)
+
+
+class _ScaledCappedLlama(transformers.LlamaForCausalLM):
+    """Transforms the fused loss folds: a scale before a soft-cap, a division after it."""
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, logits_to_keep=0, **kwargs):
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        hidden_states = outputs.last_hidden_state
+        hidden_states = slice_logits_to_keep(hidden_states, logits_to_keep)
+        logits = self.lm_head(hidden_states)
+        logits = logits * self.config.pre_scale
+        if (cap := self.config.cap) is not None:
+            logits = logits / cap
+            logits = torch.tanh(logits)
+            logits = logits * cap
+        logits = logits / self.config.post_scale
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
+        return transformers.modeling_outputs.CausalLMOutputWithPast(loss=loss, logits=logits)
+
+
+def test_scales_and_softcap_fold_into_the_core_transform():
+    """c tanh(a z / c) / b = (a / b) (c/a) tanh(z / (c/a)): softcap c/a, temperature b/a."""
+    model = _ScaledCappedLlama(make_model().config)
+    model.config.pre_scale, model.config.cap, model.config.post_scale = 3.0, 2.0, 0.7
+    model.train()
+    ids, labels = make_batch()
+    want, want_grads = loss_and_grads(model, lambda: model(ids, labels=labels).loss)
+    rkt.patch_model(model)
+    got, got_grads = loss_and_grads(model, lambda: model(ids, labels=labels).loss)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert_grads_close(got_grads, want_grads, rtol=1e-4, atol_frac=1e-5)
 
 
 def test_a_forward_that_cannot_be_reproduced_is_refused_by_name():

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import math
 import numbers
 import types
 import warnings
@@ -439,7 +440,10 @@ def _read_forward(cls) -> _HeadPlan:
         elif re.fullmatch(r"if not return_dict:\n(    .*\n)*    return .*", t):
             pass  # the tuple output: return_dict=False is handled by the integration
         elif isinstance(body[i], ast.Return) and isinstance(body[i].value, ast.Call) and i == len(body) - 1:
-            out_cls = module_globals.get(ast.unparse(body[i].value.func))
+            try:  # the class the forward names (a global, or a dotted path from one)
+                out_cls = _compile_expr(ast.unparse(body[i].value.func), "", module_globals)()
+            except Exception:  # noqa: BLE001 - refused below
+                out_cls = None
             if not (isinstance(out_cls, type) and {"loss", "logits"} <= set(getattr(out_cls, "__dataclass_fields__", {}))):
                 refuse(i, "the output is not a ModelOutput with loss and logits")
             plan.output_cls = out_cls
@@ -504,12 +508,17 @@ def _reduce_transforms(transforms, model, user_softcap, user_temperature):
     for kind, value in steps:
         if value is None:
             continue  # `if config.final_logit_softcapping is not None`
+        if isinstance(value, torch.Tensor) or not isinstance(value, numbers.Real):
+            # a learned scale would lose its gradient as a float
+            raise ValueError(f"its logit {kind} is a {type(value).__name__}, not a number")
         value = float(value)
+        if not math.isfinite(value) or value <= 0:
+            raise ValueError(f"its logit {kind} is {value}; expected a positive number")
         if kind == "scale":
             scale *= value
         else:
             if cap is not None:
-                raise ValueError("softcap: the model's forward already soft-caps its logits")
+                raise ValueError("softcap: the model's forward already soft-caps its logits; do not pass softcap=")
             cap = value / scale
     return cap, float(user_temperature) / scale
 
@@ -687,7 +696,7 @@ def patch_model(model, weighting="sft", *, ignore_index: int = -100, eval_logits
     try:  # the model's logit transforms with the caller's softcap / temperature: one cap at most
         _reduce_transforms(plan.transforms, model, options.get("softcap"), options.get("temperature", 1.0))
     except ValueError as exc:
-        raise ValueError(f"{exc} ({type(model).__name__}); do not pass softcap=") from None
+        raise ValueError(f"model: model_type {model.config.model_type!r} ({type(model).__name__}): {exc}") from None
 
     state = getattr(model, _PATCH_ATTR, None)
     if state is None or not state.active:
