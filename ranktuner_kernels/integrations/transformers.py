@@ -400,21 +400,30 @@ def _read_forward(cls) -> _HeadPlan:
         plan.transforms.append(("scale", compile_self(m.group(4))))
     i += 1
     # 5. the transforms of the logits, up to `loss = None`
+    aliases = {}  # `cap = <expression of self>` read by the next statements
+
+    def resolve(expr):
+        for name, value in aliases.items():
+            expr = re.sub(rf"\b{name}\b", f"({value})", expr)
+        return expr
+
     while i < len(body) and text[i] != "loss = None":
         t = text[i]
-        if (m := re.fullmatch(rf"{logits} = {logits} \* (.+)", t)) and not re.search(rf"\b{logits}\b", m.group(1)):
-            plan.transforms.append(("scale", compile_self(m.group(1))))
+        if ((m := re.fullmatch(r"(\w+) = ((?:self|getattr\(self)\b.*)", t))
+                and m.group(1) not in plan.named | {logits, hidden, outputs, "loss", "self"}
+                and not re.search(rf"\b{logits}\b", m.group(2))):
+            aliases[m.group(1)] = resolve(m.group(2))
+        elif (m := re.fullmatch(rf"{logits} = {logits} \* (.+)", t)) and not re.search(rf"\b{logits}\b", m.group(1)):
+            plan.transforms.append(("scale", compile_self(resolve(m.group(1)))))
         elif (m := re.fullmatch(rf"{logits} = {logits} / (.+)", t)) and not re.search(rf"\b{logits}\b", m.group(1)):
-            plan.transforms.append(("scale", compile_self(f"1.0 / ({m.group(1)})")))
+            plan.transforms.append(("scale", compile_self(f"1.0 / ({resolve(m.group(1))})")))
         elif t in (f"{logits} = {logits}.float()",):
             pass  # the fused loss computes in float32 anyway
         elif isinstance(body[i], ast.If) and not body[i].orelse and (cap := _softcap_block(body[i], logits)):
-            plan.transforms.append(("softcap", compile_self(cap)))
-        elif (i + 1 < len(body) and (m := re.fullmatch(r"(\w+) = (self\.[\w.]+)", t))
-              and text[i + 1] in (f"{logits} = nn.functional.tanh({logits} / {m.group(1)}) * {m.group(1)}",
-                                  f"{logits} = torch.tanh({logits} / {m.group(1)}) * {m.group(1)}")):
-            plan.transforms.append(("softcap", compile_self(m.group(2))))  # cap = ...; logits = tanh(logits / cap) * cap
-            i += 1
+            plan.transforms.append(("softcap", compile_self(resolve(cap))))
+        elif ((m := re.fullmatch(rf"{logits} = (?:nn\.functional|torch)\.tanh\({logits} / (\w+)\) \* (\w+)", t))
+              and m.group(1) == m.group(2) and m.group(1) in aliases):
+            plan.transforms.append(("softcap", compile_self(aliases[m.group(1)])))  # tanh(logits / cap) * cap
         else:
             refuse(i, "a transform of the logits that the fused loss does not reproduce")
         i += 1
