@@ -13,7 +13,9 @@ Three pieces, usable separately (``docs/integrations.md`` has the recipes):
 * :func:`patch_model` / :func:`unpatch_model`: replace one model instance's ``forward`` so
   that a call with ``labels`` computes its loss with :func:`ranktuner_kernels.linear_cross_entropy`
   from the final hidden states and the LM head, without materialising the logits. Calls
-  without labels (evaluation that wants logits, ``generate``) run the original forward.
+  without labels (evaluation that wants logits, ``generate``) run the original forward. Which
+  models is read from the class's own ``forward`` (:func:`check_model`); what it does between
+  the head and the loss is reproduced or the model is refused by name.
 * :func:`make_compute_loss_func`: a ``Trainer(compute_loss_func=...)`` that applies
   :func:`ranktuner_kernels.cross_entropy` to ``outputs.logits`` (any model with logits).
 * :class:`NLLLoggingCallback` / :func:`add_nll_logging`: the plain mean NLL of the kept tokens
@@ -290,9 +292,6 @@ class _HeadPlan:
 def _compile_expr(text: str, params: str, module_globals: dict):
     """``lambda <params>: <text>`` compiled in the model's module (the model's own expression)."""
     return eval(compile(f"lambda {params}: ({text})", "<ranktuner_kernels: model expression>", "eval"), module_globals)
-
-
-_FLOAT_CAST = {".float()", ".to(torch.float32)"}
 
 
 @functools.lru_cache(maxsize=None)
