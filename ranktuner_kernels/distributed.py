@@ -22,7 +22,7 @@ import torch.distributed as dist
 from . import _inputs
 from .linear_loss import linear_cross_entropy
 
-__all__ = ["head_cross_entropy", "global_num_items"]
+__all__ = ["head_cross_entropy", "global_num_items", "is_fsdp_module"]
 
 
 def head_cross_entropy(head: torch.nn.Module, input: torch.Tensor, target: torch.Tensor, **kwargs):
@@ -44,7 +44,8 @@ def head_cross_entropy(head: torch.nn.Module, input: torch.Tensor, target: torch
     return head_method(head)(input, target, **kwargs)
 
 
-def _is_fsdp_module(module) -> bool:
+def is_fsdp_module(module) -> bool:
+    """Whether ``module`` is ``fully_shard``-ed (FSDP2); never imports FSDP itself."""
     if "torch.distributed.fsdp" not in sys.modules:
         return False
     from torch.distributed.fsdp import FSDPModule
@@ -59,7 +60,7 @@ def head_method(head):
     """``head``'s fused-loss method: a plain function of the head's parameters, registered as
     one of its FSDP2 forward methods where ``head`` is ``fully_shard``-ed (so FSDP all-gathers
     the weight before it, reshards after it and reduce-scatters the weight's gradient)."""
-    if not _is_fsdp_module(head):
+    if not is_fsdp_module(head):
         return lambda input, target, **kw: linear_cross_entropy(input, head.weight, target,
                                                                 linear_bias=getattr(head, "bias", None), **kw)
     if _HEAD_METHOD not in head.__dict__:

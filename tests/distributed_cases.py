@@ -397,4 +397,78 @@ def parallel_cases(world):
     yield ("dtensor-colwise-logits", lambda: check_dtensor_head(world, "logits"))
 
 
-SUITES = {"tp2": tp_suite, "tp4": tp4_suite}
+# -- transformers integration: patch_model under FSDP2 -------------------------------------------
+
+
+def _hf_model(tied=False):
+    import transformers
+
+    config = transformers.LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=1, head_dim=8,
+                                      tie_word_embeddings=tied, pad_token_id=0)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(config)
+
+
+def _hf_batches(world, ignore_index=-100):
+    g = torch.Generator().manual_seed(3)
+    out = []
+    for r in range(world):
+        ids = torch.randint(3, 64, (2, 6), generator=g)
+        labels = ids.clone()
+        labels[0, : r + 1] = ignore_index
+        out.append((ids, labels))
+    return out
+
+
+def check_patched_fsdp2(world, layout, weighting="sft"):
+    """``patch_model`` on a tiny Llama under FSDP2 (``layout``: ``"layers+root"``, or
+    ``"tied-layers+root"`` with a tied head, ``"layers+head+root"`` with the LM head its own unit): the mean over the ranks of each rank's
+    loss, and every gradient (FSDP averages them over the ranks), against the unpatched model on
+    each rank's batch."""
+    from torch.distributed.fsdp import fully_shard
+
+    from ranktuner_kernels.integrations.transformers import patch_model
+
+    rank = dist.get_rank()
+    batches = _hf_batches(world)
+    tied = "tied" in layout
+    ref = _hf_model(tied)
+    losses, grads = [], {}
+    for ids, labels in batches:
+        ref.zero_grad(set_to_none=True)
+        loss = ref(input_ids=ids, labels=labels).loss
+        if weighting != "sft":  # the objective on the unpatched model's logits
+            logits = ref(input_ids=ids).logits
+            loss = rk.cross_entropy(logits[:, :-1], labels[:, 1:], weighting=weighting, impl="reference")
+        loss.backward()
+        losses.append(loss.detach())
+        for k, p in ref.named_parameters():
+            grads[k] = grads.get(k, 0) + p.grad / world
+    model = _hf_model(tied)
+    for layer in model.model.layers:
+        fully_shard(layer)
+    if "head" in layout:
+        fully_shard(model.lm_head)
+    fully_shard(model)
+    patch_model(model, weighting=weighting)
+    ids, labels = batches[rank]
+    out = model(input_ids=ids, labels=labels)
+    out.loss.backward()
+    mean = out.loss.detach().clone()
+    dist.all_reduce(mean)
+    torch.testing.assert_close(mean / world, torch.stack(losses).mean(), rtol=1e-5, atol=1e-6)
+    for k, p in model.named_parameters():
+        grad = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+        torch.testing.assert_close(grad, grads[k], rtol=1e-4, atol=1e-6, msg=lambda m: f"{layout} {k}: {m}")
+
+
+def hf_suite(world):
+    yield ("patched-fsdp2-layers+root", lambda: check_patched_fsdp2(world, "layers+root"))
+    yield ("patched-fsdp2-tied-layers+root", lambda: check_patched_fsdp2(world, "tied-layers+root"))
+    yield ("patched-fsdp2-head-own-unit", lambda: check_patched_fsdp2(world, "layers+head+root"))
+    yield ("patched-fsdp2-head-own-unit-ranktuner",
+           lambda: check_patched_fsdp2(world, "layers+head+root", "ranktuner"))
+
+
+SUITES = {"tp2": tp_suite, "tp4": tp4_suite, "hf2": hf_suite}

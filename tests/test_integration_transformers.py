@@ -18,6 +18,7 @@ transformers = pytest.importorskip("transformers")
 
 import ranktuner_kernels as rk  # noqa: E402
 from ranktuner_kernels.integrations import transformers as rkt  # noqa: E402
+from transformers.modeling_utils import slice_logits_to_keep  # noqa: E402 - for the forwards below
 
 V = 128
 COMMON = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -149,13 +150,14 @@ def test_gemma2_final_logit_softcapping():
     assert_grads_close(got_grads, rt_grads, 1e-5, 1e-5)
 
 
-def test_gemma2_softcapping_set_twice_raises():
-    """The config's final_logit_softcapping is the soft-cap; a second one as an option is refused."""
-    assert HAS_SOFTCAP
-    model = make_model("gemma2", tied=True, final_logit_softcapping=30.0)
-    with pytest.raises(ValueError, match="final_logit_softcapping=30.0 already sets it"):
-        rkt.patch_model(model, softcap=20.0)
-    rkt.patch_model(model)  # the config's alone is fine
+def test_caller_temperature_divides_the_models_logits_and_a_second_softcap_is_refused():
+    model = make_model("gemma2", tied=True, final_logit_softcapping=2.0).train()
+    with pytest.raises(ValueError, match="'gemma2'.*softcap"):
+        rkt.patch_model(model, softcap=5.0)
+    ids, labels = make_batch()
+    want = rk.cross_entropy(model(ids).logits[:, :-1], labels[:, 1:], temperature=1.5, impl="reference")
+    got = rkt.patch_model(model, temperature=1.5)(ids, labels=labels).loss
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("as_tensor", [False, True])
@@ -338,10 +340,79 @@ def test_nll_meter_averages_like_trainer():
         meter.add("test", t(1.0), t(1.0))
 
 
+class _ShiftedLlama(transformers.LlamaForCausalLM):
+    """A forward with a logit transform the fused loss does not reproduce (``+ 1``)."""
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, logits_to_keep=0, **kwargs):
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        hidden_states = outputs.last_hidden_state
+        hidden_states = slice_logits_to_keep(hidden_states, logits_to_keep)
+        logits = self.lm_head(hidden_states)
+        logits = logits + 1.0
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
+        return transformers.modeling_outputs.CausalLMOutputWithPast(loss=loss, logits=logits)
+
+
+class _ScaledCappedLlama(transformers.LlamaForCausalLM):
+    """Transforms the fused loss folds: a scale before a soft-cap, a division after it."""
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, logits_to_keep=0, **kwargs):
+        outputs = self.model(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+        hidden_states = outputs.last_hidden_state
+        hidden_states = slice_logits_to_keep(hidden_states, logits_to_keep)
+        logits = self.lm_head(hidden_states)
+        logits = logits * self.config.pre_scale
+        if (cap := self.config.cap) is not None:
+            logits = logits / cap
+            logits = torch.tanh(logits)
+            logits = logits * cap
+        logits = logits / self.config.post_scale
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits, labels, self.vocab_size, **kwargs)
+        return transformers.modeling_outputs.CausalLMOutputWithPast(loss=loss, logits=logits)
+
+
+def test_scales_and_softcap_fold_into_the_core_transform():
+    """c tanh(a z / c) / b = (a / b) (c/a) tanh(z / (c/a)): softcap c/a, temperature b/a."""
+    model = _ScaledCappedLlama(make_model().config)
+    model.config.pre_scale, model.config.cap, model.config.post_scale = 3.0, 2.0, 0.7
+    model.train()
+    ids, labels = make_batch()
+    want, want_grads = loss_and_grads(model, lambda: model(ids, labels=labels).loss)
+    rkt.patch_model(model)
+    got, got_grads = loss_and_grads(model, lambda: model(ids, labels=labels).loss)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert_grads_close(got_grads, want_grads, rtol=1e-4, atol_frac=1e-5)
+
+
+def test_a_forward_that_cannot_be_reproduced_is_refused_by_name():
+    shifted_model = _ShiftedLlama(make_model().config)
+    with pytest.raises(ValueError, match=r"'llama' \(_ShiftedLlama\).*logits = logits \+ 1\.0"):
+        rkt.patch_model(shifted_model)
+    model = make_model()
+    model.loss_function = lambda *args, **kwargs: None
+    with pytest.raises(ValueError, match="'llama'.*loss_function"):
+        rkt.patch_model(model)
+    assert not rkt.is_patched(model) and not rkt.is_patched(shifted_model)
+
+
+def test_default_weighting_is_sft():
+    """Every entry point defaults to plain cross-entropy: patch_model(model) gives the model's own loss."""
+    model = make_model().train()
+    ids, labels = make_batch()
+    want = model(ids, labels=labels).loss
+    got = rkt.patch_model(model)(ids, labels=labels)
+    assert got.objective == "sft"
+    torch.testing.assert_close(got.loss, want, rtol=1e-5, atol=1e-6)
+    assert rkt.make_compute_loss_func().objective == "sft"
+    for fn in (rkt.patch_model, rkt.make_compute_loss_func):
+        assert inspect.signature(fn).parameters["weighting"].default == "sft"
+
+
 def test_bad_input_raises_naming_it():
-    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=V, n_embd=16, n_layer=1, n_head=2))
-    with pytest.raises(ValueError, match="'gpt2'"):
-        rkt.patch_model(gpt2)
     with pytest.raises(TypeError, match="model"):
         rkt.patch_model(torch.nn.Linear(2, 2))
     model = make_model()
@@ -560,3 +631,20 @@ def test_trl_sft_trainer_recipe(tmp_path):
     ranktuner, _ = run(RankTunerSFTTrainer, rkt.patch_model(copy.deepcopy(base), weighting="ranktuner"),
                        tmp_path / "d", evaluate=False)
     assert all(math.isfinite(h["loss"]) and h["loss"] != pytest.approx(h["nll"]) for h in ranktuner)
+
+
+@pytest.mark.slow
+def test_fsdp2_patched_model_head_as_its_own_unit(tmp_path):
+    """patch_model under FSDP2 on 2 gloo ranks: per-layer + root units (untied and tied heads),
+    and the LM head as its own fully_shard unit (rk.distributed.head_cross_entropy), against the unpatched model."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or not dist.is_gloo_available():
+        pytest.skip("needs torch.distributed with gloo")
+    sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    import distributed_cases
+
+    reports = distributed_cases.launch("hf2", 2, str(tmp_path))
+    failures = [f"rank {r['rank']}: {f}" for r in reports for f in r["failures"]]
+    assert all(r["cases"] == 4 for r in reports), reports
+    assert not failures, "\n".join(failures)

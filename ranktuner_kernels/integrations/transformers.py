@@ -4,6 +4,7 @@
     from ranktuner_kernels.integrations.transformers import patch_model, add_nll_logging
 
     patch_model(model, weighting="ranktuner")        # model(input_ids, labels=labels).loss is fused
+                                                     # (the default weighting is "sft": plain CE)
     trainer = Trainer(model=model, args=args, ...)
     add_nll_logging(trainer)                         # logs "nll" / "eval_nll" next to "loss"
 
@@ -12,7 +13,9 @@ Three pieces, usable separately (``docs/integrations.md`` has the recipes):
 * :func:`patch_model` / :func:`unpatch_model`: replace one model instance's ``forward`` so
   that a call with ``labels`` computes its loss with :func:`ranktuner_kernels.linear_cross_entropy`
   from the final hidden states and the LM head, without materialising the logits. Calls
-  without labels (evaluation that wants logits, ``generate``) run the original forward.
+  without labels (evaluation that wants logits, ``generate``) run the original forward. Which
+  models is read from the class's own ``forward`` (:func:`check_model`); what it does between
+  the head and the loss is reproduced or the model is refused by name.
 * :func:`make_compute_loss_func`: a ``Trainer(compute_loss_func=...)`` that applies
   :func:`ranktuner_kernels.cross_entropy` to ``outputs.logits`` (any model with logits).
 * :class:`NLLLoggingCallback` / :func:`add_nll_logging`: the plain mean NLL of the kept tokens
@@ -27,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
+import math
 import numbers
 import types
 import warnings
@@ -34,11 +38,12 @@ import warnings
 import torch
 
 import ranktuner_kernels as rk
+import ranktuner_kernels.distributed  # noqa: F401 - rk.distributed.head_cross_entropy
 
 from . import _heads
 
 __all__ = [
-    "SUPPORTED_MODEL_TYPES",
+    "check_model",
     "patch_model",
     "unpatch_model",
     "is_patched",
@@ -47,13 +52,6 @@ __all__ = [
     "NLLLoggingCallback",
     "add_nll_logging",
 ]
-
-#: ``config.model_type`` values :func:`patch_model` accepts. Their ``ForCausalLM.forward`` is
-#: ``outputs = self.model(...)`` -> ``last_hidden_state`` -> ``slice_logits_to_keep`` ->
-#: ``self.lm_head`` (-> ``final_logit_softcapping``) -> ``ForCausalLMLoss``; the patched
-#: forward reproduces that with the fused loss. ``gemma3_text`` is ``Gemma3ForCausalLM``
-#: (the text-only Gemma 3; the multimodal ``gemma3`` is not supported).
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text")
 
 _PATCH_ATTR = "_ranktuner_patch"
 _MARK = "_ranktuner_patched_forward"
@@ -282,18 +280,291 @@ def _all_reduce(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+# ----------------------------------------------------------------------------- the model's head
+
+
+class _Refused(Exception):
+    """Why a model's forward cannot be reproduced (the text goes into patch_model's ValueError)."""
+
+
+class _HeadPlan:
+    """What a causal LM's ``forward`` does from its decoder to its loss, read from its source
+    once per class by :func:`_read_forward`: the decoder call (attribute and arguments), the
+    transforms of the logits (as scale / soft-cap functions of the model), the router
+    auxiliary loss and the output class."""
+
+    def __init__(self):
+        self.resolve = []        # [(param, fn(self) -> default)] for `x = x if x is not None else ...`
+        self.fixed = {}          # forward parameter -> value it is set to when labels are given
+        self.base_attr = None    # the decoder's attribute path (self.<base_attr>, e.g. "model.decoder")
+        self.base_args = []      # forward parameters passed positionally to the decoder
+        self.base_kw = {}        # decoder keyword -> forward parameter
+        self.base_var_kw = False  # the decoder gets **kwargs
+        self.base_const = {}     # decoder keyword -> constant
+        self.head_attr = None
+        self.transforms = []     # [("scale", fn) | ("softcap", fn)]: logits * fn(self) / c*tanh(logits/c)
+        self.scales_hidden = False  # a scale is applied to the hidden states (exact only without a head bias)
+        self.aux = None          # (flag param, fn(self, outputs, attention_mask), coef fn(self))
+        self.output_cls = None
+        self.defaults = {}       # forward parameter -> default
+        self.named = set()       # the forward's named parameters
+        self.var_kw = None       # the forward's **kwargs name
+
+
+def _compile_expr(text: str, params: str, module_globals: dict):
+    """``lambda <params>: <text>`` compiled in the model's module (the model's own expression)."""
+    return eval(compile(f"lambda {params}: ({text})", "<ranktuner_kernels: model expression>", "eval"), module_globals)
+
+
+@functools.lru_cache(maxsize=None)
+def _read_forward(cls) -> _HeadPlan:
+    """Read ``cls.forward``'s source into a :class:`_HeadPlan`; raise :class:`_Refused` naming
+    the first statement that is not one the fused loss reproduces."""
+    import ast
+    import re
+    import sys
+    import textwrap
+
+    try:
+        source = textwrap.dedent(inspect.getsource(cls.forward))
+    except (OSError, TypeError) as exc:
+        raise _Refused(f"the source of {cls.__name__}.forward is not available ({exc})") from None
+    fn = ast.parse(source).body[0]
+    if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+        raise _Refused(f"{cls.__name__}.forward is not a plain function")
+    module_globals = vars(sys.modules[cls.__module__])
+    plan = _HeadPlan()
+    sig = inspect.signature(cls.forward)
+    for name, p in list(sig.parameters.items())[1:]:
+        if p.kind is inspect.Parameter.VAR_KEYWORD:
+            plan.var_kw = name
+        elif p.kind is not inspect.Parameter.VAR_POSITIONAL:
+            plan.named.add(name)
+            plan.defaults[name] = None if p.default is inspect.Parameter.empty else p.default
+    body = [s for s in fn.body if not (isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant))]
+    text = [ast.unparse(s) for s in body]
+
+    def refuse(i, why):
+        raise _Refused(f"{cls.__name__}.forward: {why}: `{text[i].splitlines()[0][:160]}`")
+
+    def compile_self(expr):
+        return _compile_expr(expr, "self", module_globals)
+
+    i = 0
+    # 1. defaults resolved from the config before the decoder call
+    while i < len(body) and not _is_base_call(body[i]):
+        m = re.fullmatch(r"(\w+) = \(?\1 if \1 is not None else (self\.[\w.]+)\)?", text[i])
+        if m is not None and m.group(1) in plan.named:
+            plan.resolve.append((m.group(1), compile_self(m.group(2))))
+        elif (m := re.fullmatch(r"if labels is not None:\n    (\w+) = (False|True|None)", text[i])) and m.group(1) in plan.named:
+            plan.fixed[m.group(1)] = ast.literal_eval(m.group(2))  # e.g. use_cache = False when training
+        else:
+            refuse(i, "a statement before the decoder call that the fused loss does not reproduce")
+        i += 1
+    if i == len(body):
+        raise _Refused(f"{cls.__name__}.forward: no decoder call `outputs = self.<decoder>(...)` found")
+    # 2. the decoder call
+    stmt = body[i]
+    outputs = (stmt.targets[0] if isinstance(stmt, ast.Assign) else stmt.target).id
+    call = stmt.value
+    plan.base_attr = ast.unparse(call.func)[len("self."):]
+    for arg in call.args:
+        if not isinstance(arg, ast.Name) or arg.id not in plan.named:
+            refuse(i, "the decoder gets a positional argument that is not one of the forward's")
+        plan.base_args.append(arg.id)
+    for kw in call.keywords:
+        if kw.arg is None:
+            if not (isinstance(kw.value, ast.Name) and kw.value.id == plan.var_kw):
+                refuse(i, "the decoder gets a ** argument that is not the forward's **kwargs")
+            plan.base_var_kw = True
+        elif isinstance(kw.value, ast.Name) and kw.value.id in plan.named:
+            plan.base_kw[kw.arg] = kw.value.id
+        elif isinstance(kw.value, ast.Constant):
+            plan.base_const[kw.arg] = kw.value.value  # e.g. return_dict=True
+        else:
+            refuse(i, f"the decoder's argument {kw.arg}= is computed in the forward")
+    i += 1
+    # 3. the final hidden states, sliced to logits_to_keep
+    hidden = None
+    sliced = False
+    while i < len(body):
+        t = text[i]
+        m = re.fullmatch(rf"(\w+)(?:: [\w.\[\], ]+)? = {outputs}(?:\.last_hidden_state|\[0\])", t)
+        if m:
+            hidden = m.group(1)
+        elif m := re.fullmatch(rf"(\w+) = slice_logits_to_keep\({outputs}\.last_hidden_state, logits_to_keep\)", t):
+            hidden, sliced = m.group(1), True
+        elif hidden and re.fullmatch(rf"{hidden} = slice_logits_to_keep\({hidden}, logits_to_keep\)", t):
+            sliced = True
+        elif hidden and (m := re.fullmatch(rf"{hidden} = {hidden} ([*/]) (self\.[\w.]+)", t)):
+            # a scale of the hidden states is a scale of the logits of a head without bias
+            plan.transforms.append(("scale", compile_self(m.group(2) if m.group(1) == "*" else f"1.0 / {m.group(2)}")))
+            plan.scales_hidden = True
+        elif re.fullmatch(r"slice_indices = slice\(-logits_to_keep, None\) if isinstance\(logits_to_keep, int\) "
+                          r"else logits_to_keep", t):
+            sliced = True
+        else:
+            break
+        i += 1
+    if hidden is None:
+        raise _Refused(f"{cls.__name__}.forward: the final hidden states are not `{outputs}.last_hidden_state`")
+    if "logits_to_keep" in plan.named and not sliced:
+        raise _Refused(f"{cls.__name__}.forward: takes logits_to_keep but does not slice the hidden states with it")
+    # 4. the head
+    h = rf"{hidden}(?:\[:, slice_indices, :\])?(?:\.to\([^()]*(?:\([^()]*\))?[^()]*\))?"
+    m = re.fullmatch(rf"(\w+) = self\.(\w+)\({h}\)((?:\.float\(\)|\.contiguous\(\))?)(?: \* (.+))?", text[i]) if i < len(body) else None
+    if m is None:
+        raise _Refused(f"{cls.__name__}.forward: after the hidden states, expected the head call "
+                       f"`logits = self.lm_head(hidden_states)`, got `{text[i].splitlines()[0][:160] if i < len(body) else ''}`")
+    logits, plan.head_attr = m.group(1), m.group(2)
+    if m.group(4):
+        plan.transforms.append(("scale", compile_self(m.group(4))))
+    i += 1
+    # 5. the transforms of the logits, up to `loss = None`
+    aliases = {}  # `cap = <expression of self>` read by the next statements
+
+    def resolve(expr):
+        for name, value in aliases.items():
+            expr = re.sub(rf"\b{name}\b", f"({value})", expr)
+        return expr
+
+    while i < len(body) and text[i] != "loss = None":
+        t = text[i]
+        if ((m := re.fullmatch(r"(\w+) = ((?:self|getattr\(self)\b.*)", t))
+                and m.group(1) not in plan.named | {logits, hidden, outputs, "loss", "self"}
+                and not re.search(rf"\b{logits}\b", m.group(2))):
+            aliases[m.group(1)] = resolve(m.group(2))
+        elif (m := re.fullmatch(rf"{logits} = {logits} \* (.+)", t)) and not re.search(rf"\b{logits}\b", m.group(1)):
+            plan.transforms.append(("scale", compile_self(resolve(m.group(1)))))
+        elif (m := re.fullmatch(rf"{logits} = {logits} / (.+)", t)) and not re.search(rf"\b{logits}\b", m.group(1)):
+            plan.transforms.append(("scale", compile_self(f"1.0 / ({resolve(m.group(1))})")))
+        elif t in (f"{logits} = {logits}.float()",):
+            pass  # the fused loss computes in float32 anyway
+        elif isinstance(body[i], ast.If) and not body[i].orelse and (cap := _softcap_block(body[i], logits)):
+            plan.transforms.append(("softcap", compile_self(resolve(cap))))
+        elif ((m := re.fullmatch(rf"{logits} = (?:nn\.functional|torch)\.tanh\({logits} / (\w+)\) \* (\w+)", t))
+              and m.group(1) == m.group(2) and m.group(1) in aliases):
+            plan.transforms.append(("softcap", compile_self(aliases[m.group(1)])))  # tanh(logits / cap) * cap
+        else:
+            refuse(i, "a transform of the logits that the fused loss does not reproduce")
+        i += 1
+    # 6. the loss: `loss = None; if labels is not None: loss = self.loss_function(logits, labels, ...)`
+    if i + 1 >= len(body):
+        raise _Refused(f"{cls.__name__}.forward: no `loss = self.loss_function(...)` found")
+    m = re.fullmatch(rf"if labels is not None:\n    loss = self\.loss_function\((?:logits=)?{logits}, (?:labels=)?labels, "
+                     rf"[^\n]*\*\*{plan.var_kw}\)", text[i + 1])
+    if m is None:
+        refuse(i + 1, "the loss is not `self.loss_function(logits, labels, ..., **kwargs)`")
+    i += 2
+    # 7. after the loss: the router auxiliary loss, tuple returns, the output
+    while i < len(body):
+        t = text[i]
+        if t == "aux_loss = None":
+            pass
+        elif isinstance(body[i], ast.If) and (aux := _aux_block(body[i], text[i])) is not None:
+            flag, call_text, coef_text = aux
+            if flag not in plan.named:
+                refuse(i, "the router auxiliary loss depends on something that is not an argument")
+            plan.aux = (flag, _compile_expr(call_text, f"self, {outputs}, attention_mask=None", module_globals),
+                        compile_self(coef_text))
+        elif re.fullmatch(r"if not return_dict:\n(    .*\n)*    return .*", t):
+            pass  # the tuple output: return_dict=False is handled by the integration
+        elif isinstance(body[i], ast.Return) and isinstance(body[i].value, ast.Call) and i == len(body) - 1:
+            try:  # the class the forward names (a global, or a dotted path from one)
+                out_cls = _compile_expr(ast.unparse(body[i].value.func), "", module_globals)()
+            except Exception:  # noqa: BLE001 - refused below
+                out_cls = None
+            if not (isinstance(out_cls, type) and {"loss", "logits"} <= set(getattr(out_cls, "__dataclass_fields__", {}))):
+                refuse(i, "the output is not a ModelOutput with loss and logits")
+            plan.output_cls = out_cls
+        else:
+            refuse(i, "a statement after the loss that the fused loss does not reproduce")
+        i += 1
+    if plan.output_cls is None:
+        raise _Refused(f"{cls.__name__}.forward: does not end with `return <ModelOutput>(loss=..., logits=...)`")
+    return plan
+
+
+def _is_base_call(stmt) -> bool:
+    import ast
+
+    value = stmt.value if isinstance(stmt, (ast.Assign, ast.AnnAssign)) else None
+    target = (stmt.targets[0] if len(stmt.targets) == 1 else None) if isinstance(stmt, ast.Assign) else getattr(stmt, "target", None)
+    return (isinstance(value, ast.Call) and isinstance(target, ast.Name) and isinstance(value.func, ast.Attribute)
+            and ast.unparse(value.func).startswith("self.") and value.func.attr not in ("loss_function", "get_decoder"))
+
+
+def _softcap_block(stmt, logits: str) -> str | None:
+    """The cap's expression of ``if CAP is not None: logits = logits / CAP; logits = torch.tanh(logits);
+    logits = logits * CAP`` (or with ``(c := CAP)``), else None."""
+    import ast
+    import re
+
+    test = ast.unparse(stmt.test)
+    m = re.fullmatch(r"\((\w+) := (.+)\) is not None", test) or re.fullmatch(r"(.+) is not None", test)
+    if m is None:
+        return None
+    name, expr = (m.group(1), m.group(2)) if m.re.groups == 2 else (m.group(1), m.group(1))
+    lines = [ast.unparse(s) for s in stmt.body]
+    want = [[f"{logits} = {logits} / {name}", f"{logits} = {logits}.float() / {name}"],
+            [f"{logits} = torch.tanh({logits})"], [f"{logits} = {logits} * {name}"]]
+    if len(lines) != 3 or any(line not in ok for line, ok in zip(lines, want)):
+        return None
+    return expr
+
+
+def _aux_block(stmt, text: str):
+    """``(flag, load_balancing_loss_func(...) text, coefficient text)`` of the router auxiliary
+    loss block ``if FLAG: aux_loss = load_balancing_loss_func(...); if labels is not None: loss +=
+    COEF * aux_loss.to(loss.device)``, else None."""
+    import re
+
+    m = re.fullmatch(r"if (\w+):\n    aux_loss = (load_balancing_loss_func\(.*\))\n    if labels is not None:\n"
+                     r"        loss \+= (.+) \* aux_loss\.to\(loss\.device\)", text)
+    if m is None:
+        return None
+    return m.group(1), m.group(2), m.group(3)
+
+
+def _reduce_transforms(transforms, model, user_softcap, user_temperature):
+    """Fold the model's logit transforms (then the caller's ``softcap`` / ``temperature``) into the
+    core's ``c * tanh(z / c) / T``: a scale ``a`` before the cap becomes ``c / a`` (since
+    ``c tanh(a z / c) = a (c/a) tanh(z / (c/a))``) and every scale ends up in ``T``. Returns
+    ``(softcap or None, temperature)``; raises ValueError for two caps."""
+    scale, cap = 1.0, None
+    steps = [(kind, fn(model)) for kind, fn in transforms]
+    if user_softcap is not None:
+        steps.append(("softcap", user_softcap))
+    for kind, value in steps:
+        if value is None:
+            continue  # `if config.final_logit_softcapping is not None`
+        if isinstance(value, torch.Tensor) or not isinstance(value, numbers.Real):
+            # a learned scale would lose its gradient as a float
+            raise ValueError(f"its logit {kind} is a {type(value).__name__}, not a number")
+        value = float(value)
+        if not math.isfinite(value) or value <= 0:
+            raise ValueError(f"its logit {kind} is {value}; expected a positive number")
+        if kind == "scale":
+            scale *= value
+        else:
+            if cap is not None:
+                raise ValueError("softcap: the model's forward already soft-caps its logits; do not pass softcap=")
+            cap = value / scale
+    return cap, float(user_temperature) / scale
+
+
 # ----------------------------------------------------------------------------- patch_model
 
 
 class _PatchState:
     """What :func:`patch_model` stored on the model (as ``model._ranktuner_patch``)."""
 
-    def __init__(self, original, had_instance_forward, instance_forward, config, softcap):
+    def __init__(self, original, had_instance_forward, instance_forward, config, plan):
         self.original = original  # the bound forward at patch time (what calls without labels run)
         self.had_instance_forward = had_instance_forward
         self.instance_forward = instance_forward  # model.__dict__["forward"] before patching, if any
         self.config = config
-        self.softcap = softcap
+        self.plan = plan  # what the model's forward does from its decoder to its loss
         self.active = True
         self.meter = NLLMeter()
         self.weighting = None
@@ -323,7 +594,61 @@ def _model_type(model) -> str:
     return model_type
 
 
-def patch_model(model, weighting="ranktuner", *, ignore_index: int = -100, eval_logits: bool = False, **options):
+def _plan(model) -> _HeadPlan:
+    """The :class:`_HeadPlan` of ``model``'s class, checked against this instance (its head is
+    ``get_output_embeddings()``, its decoder a module, its loss ``ForCausalLMLoss``); raises the
+    ValueError that names the model type and what cannot be reproduced."""
+    model_type = _model_type(model)
+    cls = type(model)
+
+    def refuse(why):
+        return ValueError(f"model: model_type {model_type!r} ({cls.__name__}) cannot be patched: {why}. "
+                          "make_compute_loss_func works with any model that returns logits.")
+
+    for attr in ("get_output_embeddings", "forward"):
+        if not callable(getattr(model, attr, None)):
+            raise TypeError(f"model: {cls.__name__} has no `{attr}`; expected a transformers causal LM")
+    # the class whose forward runs (FSDP2's fully_shard makes a subclass that only adds hooks)
+    owner = next((c for c in cls.__mro__ if "forward" in c.__dict__), cls)
+    try:
+        plan = _read_forward(owner)
+    except _Refused as exc:
+        raise refuse(str(exc)) from None
+    head = model.get_output_embeddings()
+    if head is None or getattr(model, plan.head_attr, None) is not head:
+        raise refuse(f"its forward's head `self.{plan.head_attr}` is not its get_output_embeddings()")
+    if isinstance(head, torch.nn.Linear) and getattr(type(head), "forward", None) is not torch.nn.Linear.forward:
+        raise refuse(f"its head {type(head).__name__} overrides Linear.forward (e.g. a learned logit scale)")
+    if not isinstance(_decoder(model, plan), torch.nn.Module):
+        raise refuse(f"its forward's decoder `self.{plan.base_attr}` is not a module")
+    if plan.scales_hidden and getattr(head, "bias", None) is not None:
+        raise refuse("its forward scales the hidden states before a head with a bias")
+    from transformers.loss.loss_utils import LOSS_MAPPING
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loss_function = model.loss_function
+    if loss_function is not LOSS_MAPPING["ForCausalLM"]:
+        raise refuse(f"its loss_function is {getattr(loss_function, '__name__', loss_function)!r}, "
+                     "not transformers' ForCausalLMLoss")
+    return plan
+
+
+def _decoder(model, plan):
+    module = model
+    for part in plan.base_attr.split("."):
+        module = getattr(module, part, None)
+    return module
+
+
+def check_model(model) -> None:
+    """Raise the ValueError :func:`patch_model` would raise for ``model`` (naming its
+    ``model_type`` and the part of its ``forward`` the fused loss cannot reproduce); return None
+    if it can be patched. A PEFT model is checked through its inner model."""
+    _plan(_unwrap(model))
+
+
+def patch_model(model, weighting="sft", *, ignore_index: int = -100, eval_logits: bool = False, **options):
     """Make ``model(..., labels=labels)`` compute its loss with :func:`rk.linear_cross_entropy`.
 
     Only this model instance is changed (its ``forward`` attribute; the class is untouched);
@@ -331,8 +656,20 @@ def patch_model(model, weighting="ranktuner", *, ignore_index: int = -100, eval_
     wraps the forward it finds). A PEFT model is unwrapped: its inner transformers model is
     patched (PEFT calls that model's forward), and the PEFT model is returned.
 
+    Which models: any whose ``forward`` follows transformers' causal-LM layout, read from the
+    class's own source at patch time (``docs/integrations.md`` lists the families): a decoder
+    call ``outputs = self.<decoder>(...)`` (``model``, ``transformer``, ``gpt_neox``,
+    ``model.decoder``, a vision-language ``model``, ...), its ``last_hidden_state`` sliced by
+    ``logits_to_keep``, the head ``get_output_embeddings()``, then only transforms the core
+    reproduces (scales ``logits * s`` / ``logits / s``, soft-caps ``c * tanh(logits / c)``, folded
+    into the core's ``softcap=`` / ``temperature=``), ``self.loss_function`` being transformers'
+    ``ForCausalLMLoss``, and an MoE router auxiliary loss (``router_aux_loss_coef *
+    load_balancing_loss_func(...)``, added with ``output_router_logits``, returned as
+    ``aux_loss``). Anything else is refused with a ValueError naming the model type and the
+    statement (:func:`check_model` tells without patching).
+
     A call with ``labels`` (``[B, T]`` token ids, ``-100`` ignored) or ``shift_labels`` runs the
-    base model (``model.model``) to the final hidden states ``[B, T, D]``, keeps the positions
+    decoder as the model's forward does to the final hidden states ``[B, T, D]``, keeps the positions
     ``logits_to_keep`` selects, and returns the loss of the head ``model.get_output_embeddings()``
     (``[V, D]``, tied or not, with its bias if any) on the next-token targets:
 
@@ -341,12 +678,15 @@ def patch_model(model, weighting="ranktuner", *, ignore_index: int = -100, eval_
       shifted, e.g. from a context-parallel collator) is used as is;
     * ``reduction="mean"``: the sum over kept tokens divided by ``num_items_in_batch`` when the
       call passes it (Trainer does, for gradient accumulation), else by the kept count;
-    * ``config.final_logit_softcapping`` (Gemma 2/3) is passed as ``softcap=``;
+    * the model's logit transforms (Gemma's ``final_logit_softcapping``, Cohere's ``logit_scale``,
+      Granite's ``logits_scaling``, ...) as ``softcap=`` / ``temperature=`` (a caller's
+      ``temperature`` divides the model's logits; a second soft-cap is refused);
     * under ``torch.autocast`` the head runs in the autocast dtype, as ``lm_head`` would;
     * ``logits_to_keep``: labels shaped like the kept positions are used as is; full-length
       labels are sliced like the hidden states.
 
-    The output is a ``CausalLMOutputWithPast`` with ``loss`` (float32 scalar, differentiable),
+    The output is the model's own output class (``CausalLMOutputWithPast``, ``MoeCausalLMOutputWithPast``
+    with ``aux_loss`` and ``router_logits``, a VLM's output, ...) with ``loss`` (float32 scalar, differentiable),
     ``logits=None`` (the logits are never materialised), the base model's ``cache``,
     ``hidden_states`` and ``attentions``, and two attributes (not keys, so ``to_tuple()`` and
     Trainer's evaluation loop see the standard fields): ``outputs.nll``, the plain mean NLL of the
@@ -359,10 +699,9 @@ def patch_model(model, weighting="ranktuner", *, ignore_index: int = -100, eval_
     logits (for ``compute_metrics`` that needs the logits); the output then has the logits.
 
     Args:
-        model: a transformers causal LM whose ``config.model_type`` is in
-            :data:`SUPPORTED_MODEL_TYPES`.
-        weighting: a name (``"ranktuner"``, ``"sft"``, ``"dft"``, ...) or a config such as
-            ``rk.RankTuner(xi="geo")``.
+        model: a transformers causal LM (or a PEFT model around one), see above.
+        weighting: ``"sft"`` (plain cross-entropy, the default), another name (``"ranktuner"``,
+            ``"dft"``, ...) or a config such as ``rk.RankTuner(xi="geo")``.
         ignore_index: the label that marks ignored positions (transformers uses -100).
         eval_logits: see above.
         **options: further keyword options of :func:`rk.linear_cross_entropy` (``chunk_size``,
@@ -373,36 +712,26 @@ def patch_model(model, weighting="ranktuner", *, ignore_index: int = -100, eval_
         ``model`` (patched in place). Patching a patched model replaces its options.
 
     Raises:
-        ValueError: a model type not in :data:`SUPPORTED_MODEL_TYPES` (the message names it), or
-            soft-capping on a core without ``softcap=``.
+        ValueError: a model whose forward cannot be reproduced (the message names its
+            ``model_type`` and the statement), or a ``softcap=`` on a model that soft-caps.
         TypeError: not a transformers model; an unknown option or weighting.
     """
     wrapper, model = model, _unwrap(model)
-    model_type = _model_type(model)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ValueError(f"model: model_type {model_type!r} ({type(model).__name__}) is not supported by "
-                         f"patch_model; supported: {', '.join(SUPPORTED_MODEL_TYPES)}. "
-                         "make_compute_loss_func works with any model that returns logits.")
-    for attr in ("model", "get_output_embeddings"):
-        if not hasattr(model, attr):
-            raise TypeError(f"model: {type(model).__name__} has no `{attr}`; expected a *ForCausalLM model")
     if not isinstance(eval_logits, bool):
         raise TypeError(f"eval_logits: expected a bool, got {type(eval_logits).__name__}")
     ignore_index = _check_ignore_index(ignore_index)
     _check_weighting(weighting)
     _check_options(options, rk.linear_cross_entropy, _RESERVED_LINEAR, "rk.linear_cross_entropy")
-    softcap = getattr(model.config, "final_logit_softcapping", None)
-    if softcap is not None:
-        if options.get("softcap") is not None:
-            raise ValueError(f"softcap: the model's config.final_logit_softcapping={softcap} already sets it")
-        if "softcap" not in inspect.signature(rk.linear_cross_entropy).parameters:
-            raise ValueError(f"model: config.final_logit_softcapping={softcap} needs rk.linear_cross_entropy("
-                             "softcap=...), which this version of ranktuner_kernels lacks")
+    plan = _plan(model)
+    try:  # the model's logit transforms with the caller's softcap / temperature: one cap at most
+        _reduce_transforms(plan.transforms, model, options.get("softcap"), options.get("temperature", 1.0))
+    except ValueError as exc:
+        raise ValueError(f"model: model_type {model.config.model_type!r} ({type(model).__name__}): {exc}") from None
 
     state = getattr(model, _PATCH_ATTR, None)
     if state is None or not state.active:
         had = "forward" in model.__dict__
-        state = _PatchState(model.forward, had, model.__dict__.get("forward"), model.config, softcap)
+        state = _PatchState(model.forward, had, model.__dict__.get("forward"), model.config, plan)
         cls_forward = type(model).forward
 
         @functools.wraps(cls_forward)  # keeps the signature: Trainer and generate() inspect it
@@ -412,7 +741,7 @@ def patch_model(model, weighting="ranktuner", *, ignore_index: int = -100, eval_
         setattr(forward, _MARK, True)
         object.__setattr__(model, _PATCH_ATTR, state)
         model.forward = types.MethodType(forward, model)
-    state.softcap = softcap
+    state.plan = plan
     state.weighting = weighting
     state.options = dict(options)
     state.ignore_index = ignore_index
@@ -508,54 +837,97 @@ def _targets(labels, shift_labels, ignore_index, full_shape, kept_shape, logits_
     return _align_targets(shift_labels, full_shape, kept_shape, logits_to_keep)
 
 
-def _output_fields() -> tuple:
-    """``CausalLMOutputWithPast``'s field names but ``loss`` and ``logits``. Marked as having a
-    constant result (what ``torch._dynamo.assume_constant_result`` sets, without importing
-    dynamo): ``torch.compile`` calls it at trace time instead of tracing ``dataclasses.fields``
-    (a graph break)."""
-    from transformers.modeling_outputs import CausalLMOutputWithPast
-
-    return tuple(f.name for f in dataclasses.fields(CausalLMOutputWithPast) if f.name not in ("loss", "logits"))
+def _output_fields(output_cls) -> tuple:
+    """``output_cls``'s field names but ``loss`` and ``logits``. Marked as having a constant
+    result (what ``torch._dynamo.assume_constant_result`` sets, without importing dynamo):
+    ``torch.compile`` calls it at trace time instead of tracing ``dataclasses.fields`` (a graph
+    break)."""
+    return tuple(f.name for f in dataclasses.fields(output_cls) if f.name not in ("loss", "logits"))
 
 
 _output_fields._dynamo_marked_constant = True
 
 
-def _finish(self, state, base, loss, logits, nll_total, nll_count, return_dict):
+def _finish(self, state, base, loss, logits, nll_total, nll_count, return_dict, extra=None):
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     nll = state.meter.record("train" if self.training else "eval", nll_total, nll_count)
-    fields = {name: getattr(base, name, None) for name in _output_fields()}
-    out = CausalLMOutputWithPast(loss=loss, logits=logits, **fields)
+    output_cls = state.plan.output_cls or CausalLMOutputWithPast  # the class the model's forward returns
+    fields = {name: getattr(base, name, None) for name in _output_fields(output_cls)}
+    fields.update(extra or {})
+    out = output_cls(loss=loss, logits=logits, **fields)
     # attributes, not keys: to_tuple() and Trainer's prediction_step see only the standard fields
     object.__setattr__(out, "nll", nll)
     object.__setattr__(out, "objective", state.objective)
     return out if return_dict else out.to_tuple()
 
 
+def _run_decoder(self, plan, arguments):
+    """Call the decoder as the model's forward does: the same arguments (the defaults it resolves
+    from the config resolved here), ``**kwargs`` if it passes them."""
+    for name, default in plan.resolve:
+        if arguments.get(name) is None:
+            arguments[name] = default(self)
+    arguments.update(plan.fixed)
+    args = [arguments.get(n, plan.defaults.get(n)) for n in plan.base_args]
+    kwargs = {k: arguments.get(v, plan.defaults.get(v)) for k, v in plan.base_kw.items()}
+    kwargs.update(plan.base_const)
+    if plan.base_var_kw:
+        kwargs.update((k, v) for k, v in arguments.items() if k not in plan.named)
+    return _decoder(self, plan)(*args, **kwargs)
+
+
+def _router_aux(self, plan, arguments, base):
+    """``(coef * aux_loss, aux_loss)`` of an MoE model's router auxiliary loss, computed as its
+    forward does when ``output_router_logits`` is on; ``(None, None)`` otherwise."""
+    if plan.aux is None:
+        return None, None
+    flag, aux_fn, coef_fn = plan.aux
+    if not arguments.get(flag):
+        return None, None
+    aux_loss = aux_fn(self, base, arguments.get("attention_mask"))
+    return coef_fn(self) * aux_loss, aux_loss
+
+
 def _fused_loss(self, state, arguments, labels, shift_labels):
+    plan = state.plan
     logits_to_keep, num_items_in_batch, ignore_index, return_dict = _loss_args(state, arguments)
-    base = self.model(**arguments)
+    base = _run_decoder(self, plan, arguments)
     hidden = getattr(base, "last_hidden_state", None)
-    if hidden is None:
-        raise TypeError(f"model: {type(self).__name__}.model returned {type(base).__name__} without "
+    if hidden is None and isinstance(base, (tuple, list)) and base:
+        hidden = base[0]
+    if not isinstance(hidden, torch.Tensor):
+        raise TypeError(f"model: {type(self).__name__}.{plan.base_attr} returned {type(base).__name__} without "
                         "last_hidden_state; expected the decoder's BaseModelOutputWithPast")
     kept = _slice_to_keep(hidden, logits_to_keep)
     target = _targets(labels, shift_labels, ignore_index, hidden.shape[:-1], kept.shape[:-1], logits_to_keep)
-    kept, weight, bias = _heads.linear_operands(self.get_output_embeddings(), kept)
-    kept = kept.to(weight.device)  # a model split across devices can end elsewhere than its head
-    target = target.to(weight.device)
-    device_type = weight.device.type
-    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
-    extra = {} if state.softcap is None else {"softcap": state.softcap}  # else from the options, if any
-    with torch.autocast(device_type, enabled=False):  # the dtype is explicit: the one lm_head would use
-        loss, stats = rk.linear_cross_entropy(
-            kept.to(dtype), weight.to(dtype), target,
-            linear_bias=None if bias is None else bias.to(dtype),
-            weighting=state.weighting, ignore_index=ignore_index, reduction="mean",
-            num_items_in_batch=num_items_in_batch, return_stats=True, **extra, **state.options)
+    # the model's logit transforms (soft-cap, scales) with the caller's, as the core's softcap / temperature
+    softcap, temperature = _reduce_transforms(plan.transforms, self, state.options.get("softcap"),
+                                              state.options.get("temperature", 1.0))
+    options = {**state.options, "softcap": softcap, "temperature": temperature,
+               "weighting": state.weighting, "ignore_index": ignore_index, "reduction": "mean",
+               "num_items_in_batch": num_items_in_batch, "return_stats": True}
+    head = self.get_output_embeddings()
+    if rk.distributed.is_fsdp_module(head):
+        # the head is its own FSDP2 unit: outside its forward its weight is a sharded DTensor; the
+        # loss runs as one of its FSDP forward methods (gathered before, resharded after)
+        loss, stats = rk.distributed.head_cross_entropy(head, kept, target, **options)
+    else:
+        kept, weight, bias = _heads.linear_operands(head, kept)
+        kept = kept.to(weight.device)  # a model split across devices can end elsewhere than its head
+        target = target.to(weight.device)
+        device_type = weight.device.type
+        dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
+        with torch.autocast(device_type, enabled=False):  # the dtype is explicit: the one lm_head would use
+            loss, stats = rk.linear_cross_entropy(
+                kept.to(dtype), weight.to(dtype), target,
+                linear_bias=None if bias is None else bias.to(dtype), **options)
     total, count = _nll_terms(stats["logp_t"], target, ignore_index)
-    return _finish(self, state, base, loss, None, total, count, return_dict)
+    aux_term, aux_loss = _router_aux(self, plan, arguments, base)
+    if aux_term is not None:
+        loss = loss + aux_term.to(loss.device)
+    extra = {} if aux_loss is None else {"aux_loss": aux_loss}
+    return _finish(self, state, base, loss, None, total, count, return_dict, extra)
 
 
 def _logits_loss(self, state, arguments, labels, shift_labels):
@@ -574,13 +946,16 @@ def _logits_loss(self, state, arguments, labels, shift_labels):
                                    reduction="mean", num_items_in_batch=num_items_in_batch, return_stats=True,
                                    **options)
     total, count = _nll_terms(stats["logp_t"], target, ignore_index)
+    aux_loss = getattr(out, "aux_loss", None)
+    if aux_loss is not None and state.plan.aux is not None:  # the forward adds it only with labels
+        loss = loss + state.plan.aux[2](self) * aux_loss.to(loss.device)
     return _finish(self, state, out, loss, logits, total, count, return_dict)
 
 
 # ----------------------------------------------------------------------------- compute_loss_func
 
 
-def make_compute_loss_func(weighting="ranktuner", *, ignore_index: int = -100, **options):
+def make_compute_loss_func(weighting="sft", *, ignore_index: int = -100, **options):
     """A ``Trainer(compute_loss_func=...)`` computing the objective on ``outputs.logits``.
 
     The returned ``loss_func(outputs, labels, num_items_in_batch=None)`` (the signature
@@ -596,7 +971,7 @@ def make_compute_loss_func(weighting="ranktuner", *, ignore_index: int = -100, *
     evaluation), which :func:`add_nll_logging` finds on ``trainer.compute_loss_func``.
 
     Args:
-        weighting: a name or a config such as ``rk.RankTuner()``.
+        weighting: ``"sft"`` (the default), another name or a config such as ``rk.RankTuner()``.
         ignore_index: the ignored label (-100).
         **options: further keyword options of :func:`rk.cross_entropy` (``impl``,
             ``inplace_backward``, ...).
@@ -621,7 +996,7 @@ def make_compute_loss_func(weighting="ranktuner", *, ignore_index: int = -100, *
                                        reduction="mean", num_items_in_batch=num_items_in_batch,
                                        return_stats=True, **options)
         total, count = _nll_terms(stats["logp_t"], target, ignore_index)
-        meter.add("train" if torch.is_grad_enabled() else "eval", total, count)
+        meter.record("train" if torch.is_grad_enabled() else "eval", total, count)
         return loss
 
     compute_loss_func.nll_meter = meter

@@ -1,0 +1,147 @@
+"""Every causal LM of the installed transformers: patched (``weighting="sft"``) equals unpatched,
+loss and every parameter gradient, in float32; or ``patch_model`` refuses it by name.
+
+The model types are enumerated from transformers' auto mappings (causal LMs, then the
+image-text-to-text ``*ForConditionalGeneration`` classes, run on text), each built from a
+shrunken config (``tests/_tiny_models.py``, no downloads). A model that cannot be built that way
+is skipped with the reason. ``python tests/test_model_coverage.py`` prints the three lists
+(exact / refused with the reason / unbuildable) for the docs.
+"""
+
+import os
+import sys
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _tiny_models import Unbuildable, mappings, tiny_model  # noqa: E402
+
+from ranktuner_kernels.integrations import transformers as rkt  # noqa: E402
+
+MODELS = mappings()
+#: families whose forward transforms the logits or adds a router loss: these must be exact
+MUST_BE_EXACT = ("granite", "granitemoe", "cohere", "cohere2", "gemma2", "falcon_h1", "hyperclovax", "minicpm3",
+                 "recurrent_gemma", "mixtral", "qwen2_moe", "gpt_neox", "gpt2", "opt", "llava")
+
+
+def _special_ids(config, seen=None):
+    """Every ``*_token_id`` / ``*_token_index`` of the config and its sub-configs."""
+    out = set()
+    for key, value in config.to_dict().items() if hasattr(config, "to_dict") else ():
+        if isinstance(value, int) and (key.endswith("_token_id") or key.endswith("_token_index")):
+            out.add(value)
+    for key in getattr(config, "sub_configs", {}) or {}:
+        sub = getattr(config, key, None)
+        if sub is not None and hasattr(sub, "to_dict"):
+            out |= _special_ids(sub)
+    return out
+
+
+def _batch(model, seed=0, b=2, t=8, ignore_index=-100):
+    config = model.config
+    vocab = model.get_output_embeddings().weight.shape[0]
+    special = _special_ids(config)
+    allowed = torch.tensor([i for i in range(3, vocab) if i not in special])
+    g = torch.Generator().manual_seed(seed)
+    ids = allowed[torch.randint(len(allowed), (b, t), generator=g)]
+    labels = ids.clone()
+    labels[0, :3] = ignore_index
+    labels[1, -2:] = ignore_index
+    return ids, labels
+
+
+def _loss_and_grads(model, ids, labels):
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels, use_cache=False)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out, grads
+
+
+def check(model_type):
+    """``("exact", None)``, ``("refused", reason)`` or ``("unbuildable", reason)``; raises
+    AssertionError when a patched model differs from the unpatched one."""
+    class_name, _ = MODELS[model_type]
+    try:
+        model = tiny_model(model_type, class_name)
+    except Unbuildable as exc:
+        return "unbuildable", str(exc)
+    try:
+        rkt.check_model(model)
+    except ValueError as exc:
+        assert repr(model_type) in str(exc), str(exc)  # refused by name
+        with pytest.raises(ValueError, match=repr(model_type).replace("-", r"\-")):
+            rkt.patch_model(model, weighting="sft")
+        return "refused", str(exc)
+    ids, labels = _batch(model)
+    try:
+        want, want_grads = _loss_and_grads(model, ids, labels)
+    except Exception as exc:  # noqa: BLE001 - the unpatched model itself does not run on text only
+        return "unbuildable", f"the unpatched model fails on a text batch: {type(exc).__name__}: {str(exc)[:120]}"
+    rkt.patch_model(model, weighting="sft")
+    got, got_grads = _loss_and_grads(model, ids, labels)
+    assert got.loss.dtype == torch.float32
+    torch.testing.assert_close(got.loss, want.loss, rtol=1e-5, atol=1e-6)
+    if getattr(want, "aux_loss", None) is not None:
+        torch.testing.assert_close(got.aux_loss, want.aux_loss, rtol=1e-5, atol=1e-7)
+    assert got_grads.keys() == want_grads.keys() and got_grads, model_type
+    for name, g in want_grads.items():
+        atol = 1e-5 * float(g.abs().max()) + 1e-9
+        torch.testing.assert_close(got_grads[name], g, rtol=1e-4, atol=atol, msg=lambda m: f"{model_type} {name}: {m}")
+    assert type(got) is type(want)
+    return "exact", None
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model_type", sorted(MODELS))
+def test_patched_equals_unpatched_or_refused_by_name(model_type):
+    torch.manual_seed(0)
+    verdict, reason = check(model_type)
+    if model_type in MUST_BE_EXACT:
+        assert verdict == "exact", f"{model_type}: {verdict}: {reason}"
+    if verdict == "unbuildable":
+        pytest.skip(f"{model_type}: {reason}")
+
+
+def test_ignore_index_through_the_causal_shift():
+    """A non-default ignore_index (-1) is what the shift pads with: padding with -100 would
+    make the last position a target of id -100 (out of range) and the loss differ."""
+    model = tiny_model("llama", MODELS["llama"][0])
+    ids, labels = _batch(model, ignore_index=-1)
+    logits = model(input_ids=ids).logits
+    want = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-1)
+    compute = rkt.make_compute_loss_func("sft", ignore_index=-1, impl="reference")
+    torch.testing.assert_close(compute({"logits": logits}, labels), want)
+    rkt.patch_model(model, weighting="sft", ignore_index=-1, eval_logits=True)
+    for mode in (model.train, model.eval):  # fused, then eval_logits
+        mode()
+        torch.testing.assert_close(model(input_ids=ids, labels=labels).loss, want, rtol=1e-5, atol=1e-6)
+
+
+if __name__ == "__main__":
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    transformers.logging.set_verbosity_error()
+    torch.set_num_threads(1)
+    lists = {"exact": [], "refused": [], "unbuildable": [], "DIFFERENT": []}
+    for mt in sorted(MODELS):
+        try:
+            verdict, reason = check(mt)
+        except AssertionError as exc:
+            verdict, reason = "DIFFERENT", str(exc).splitlines()[0][:200]
+        lists[verdict].append((mt, reason))
+        print(verdict, mt, (reason or "")[:300], flush=True)
+    for k, v in lists.items():
+        print(f"\n{k} ({len(v)}): " + ", ".join(mt for mt, _ in v))
