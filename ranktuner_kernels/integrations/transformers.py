@@ -363,6 +363,7 @@ def patch_model(model, weighting="ranktuner", *, ignore_index: int = -100, eval_
     for attr in ("model", "get_output_embeddings"):
         if not hasattr(model, attr):
             raise TypeError(f"model: {type(model).__name__} has no `{attr}`; expected a *ForCausalLM model")
+    _heads.check_head(model.get_output_embeddings())  # an adapted head PEFT wraps: refused here, not at a step
     if not isinstance(eval_logits, bool):
         raise TypeError(f"eval_logits: expected a bool, got {type(eval_logits).__name__}")
     ignore_index = _check_ignore_index(ignore_index)
