@@ -168,3 +168,38 @@ def test_mixed_adapter_batches_are_refused():
         model(input_ids=ids, labels=labels, adapter_names=["default", "second"])
     with torch.no_grad():  # without labels: PEFT's own forward, logits as usual
         assert model(input_ids=ids, adapter_names=["default", "second"]).logits.shape == (2, 7, V)
+
+
+def test_linear_operands_reproduce_the_head_with_lora_bias():
+    """The operands alone, float64, on a head with a bias and ``lora_bias=True``: the logits and
+    the gradients (random upstream) of the hidden states and every parameter equal the head's."""
+    from ranktuner_kernels.integrations import _heads
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = torch.nn.Linear(8, 11)
+
+    torch.manual_seed(0)
+    net = peft.get_peft_model(Net().double(), peft.LoraConfig(target_modules=["head"], r=3, lora_alpha=7,
+                                                              lora_bias=True, lora_dropout=0.4,
+                                                              init_lora_weights=False)).train()
+    head = net.base_model.model.head
+    head.base_layer.weight.requires_grad_(True)
+    hidden = torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(2, 5, 11, dtype=torch.float64)
+    params = [hidden] + [p for p in head.parameters() if p.requires_grad]
+    assert len(params) == 5  # hidden, W, A, B and B's bias
+
+    def run(fn):
+        torch.manual_seed(3)
+        out = fn()
+        return [out.detach()] + list(torch.autograd.grad((out * upstream).sum(), params))
+
+    def fused():
+        h, w, b = _heads.linear_operands(head, hidden)
+        assert h.shape[-1] == w.shape[-1] == 8 + 3
+        return torch.nn.functional.linear(h, w, b)
+
+    for got, want in zip(run(fused), run(lambda: head(hidden))):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
