@@ -157,6 +157,14 @@ def _nll_terms(logp_t: torch.Tensor, target: torch.Tensor, ignore_index: int):
     return neg.sum(), keep.sum().to(torch.float32)
 
 
+def _token_metrics(stats: dict, target: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """``[sum of entropy, correct, kept]`` over the kept tokens of one call (float32, detached):
+    what TRL's ``entropy`` and ``mean_token_accuracy`` average (``integrations.trl``)."""
+    keep = target != ignore_index
+    entropy = torch.where(keep, stats["entropy"].detach().float(), torch.zeros((), device=keep.device))
+    return torch.stack([entropy.sum(), (stats["accuracy"] & keep).sum().float(), keep.sum().float()])
+
+
 def _mean_nll(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     """``total / count``; NaN when every token is ignored (like ``F.cross_entropy``'s mean)."""
     return total / count
@@ -277,6 +285,7 @@ class _PatchState:
         self.options = {}
         self.ignore_index = -100
         self.eval_logits = False
+        self.token_metrics = None  # [entropy sum, correct, kept] of the latest call with labels
 
     @property
     def objective(self) -> str:
@@ -521,6 +530,7 @@ def _fused_loss(self, state, arguments, labels, shift_labels):
             weighting=state.weighting, ignore_index=ignore_index, reduction="mean",
             num_items_in_batch=num_items_in_batch, return_stats=True, **extra, **state.options)
     total, count = _nll_terms(stats["logp_t"], target, ignore_index)
+    state.token_metrics = _token_metrics(stats, target, ignore_index)
     return _finish(self, state, base, loss, None, total, count, return_dict)
 
 
@@ -540,6 +550,7 @@ def _logits_loss(self, state, arguments, labels, shift_labels):
                                    reduction="mean", num_items_in_batch=num_items_in_batch, return_stats=True,
                                    **options)
     total, count = _nll_terms(stats["logp_t"], target, ignore_index)
+    state.token_metrics = _token_metrics(stats, target, ignore_index)
     return _finish(self, state, out, loss, logits, total, count, return_dict)
 
 
