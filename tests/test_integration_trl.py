@@ -106,6 +106,25 @@ def test_drop_in_logs_what_trl_logs(tmp_path):
     assert got_eval["eval_nll"] == pytest.approx(got_eval["eval_loss"], rel=1e-5)  # one eval batch
 
 
+def test_drop_in_with_peft_config(tmp_path):
+    """TRL wraps the model with PEFT (peft_config: LoRA on q_proj and v_proj with dropout, the
+    head in modules_to_save); the drop-in patches the inner model and trains exactly like the
+    unpatched PEFT model's own loss (same seed, same dropout masks). (TRL 1.16 refuses a LoRA
+    adapter on lm_head itself, for its trainer and so for this one.)"""
+    peft = pytest.importorskip("peft")
+    config = peft.LoraConfig(task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj"], r=4, lora_alpha=8,
+                             lora_dropout=0.1, init_lora_weights=False, modules_to_save=["lm_head"])
+    base = _model()
+    own, own_eval, _ = _run(_ModelsOwnLoss, copy.deepcopy(base), tmp_path / "a", peft_config=config)
+    got, got_eval, trainer = _run(rktrl.SFTTrainer, copy.deepcopy(base), tmp_path / "b", peft_config=config)
+    assert rkt.is_patched(trainer.model) and len(own) == len(got) == 2
+    assert type(trainer.model.get_output_embeddings()).__name__ == "ModulesToSaveWrapper"
+    for o, g in zip(own, got):
+        for key in ("loss", "grad_norm"):
+            assert g[key] == pytest.approx(o[key], rel=1e-5), key
+    assert got_eval["eval_loss"] == pytest.approx(own_eval["eval_loss"], rel=1e-5)
+
+
 def test_drop_in_weighting_and_options(tmp_path):
     """Another weighting changes the loss but not what the metrics measure at step 1 (same
     weights, same batch); loss options reach the core."""
