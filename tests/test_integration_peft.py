@@ -203,3 +203,20 @@ def test_linear_operands_reproduce_the_head_with_lora_bias():
 
     for got, want in zip(run(fused), run(lambda: head(hidden))):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+def test_lora_head_under_autocast():
+    """bf16 autocast: the concatenated head runs in bf16 like PEFT's; loss and gradients agree
+    with the unpatched model's to bf16 rounding (PEFT rounds the base and adapter logits
+    separately, the fused loss accumulates them together)."""
+    model = make_peft(target_modules=["q_proj", "lm_head"], lora_dropout=0.2).train()
+    patched = rkt.patch_model(copy.deepcopy(model), weighting="sft")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        want_loss, want = loss_and_grads(model)
+        got_loss, got = loss_and_grads(patched)
+    assert got_loss.dtype == torch.float32
+    torch.testing.assert_close(got_loss, want_loss, rtol=2e-3, atol=0)
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=0, atol=3e-2 * float(want[name].abs().max()),
+                                   msg=lambda m: f"{name}: {m}")
