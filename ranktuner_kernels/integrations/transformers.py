@@ -161,8 +161,9 @@ def _token_metrics(stats: dict, target: torch.Tensor, ignore_index: int) -> torc
     """``[sum of entropy, correct, kept]`` over the kept tokens of one call (float32, detached):
     what TRL's ``entropy`` and ``mean_token_accuracy`` average (``integrations.trl``)."""
     keep = target != ignore_index
-    entropy = torch.where(keep, stats["entropy"].detach().float(), torch.zeros((), device=keep.device))
-    return torch.stack([entropy.sum(), (stats["accuracy"] & keep).sum().float(), keep.sum().float()])
+    zero = torch.zeros((), device=keep.device)
+    entropy, correct = (torch.where(keep, stats[k].detach().float(), zero).sum() for k in ("entropy", "accuracy"))
+    return torch.stack([entropy, correct, keep.sum().float()])
 
 
 def _mean_nll(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
