@@ -220,3 +220,29 @@ def test_lora_head_under_autocast():
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=0, atol=3e-2 * float(want[name].abs().max()),
                                    msg=lambda m: f"{name}: {m}")
+
+
+def test_patch_before_peft_wraps_the_head():
+    """Patched first, then wrapped by PEFT with LoRA on the head: the head is resolved at every
+    step, so the adapter is used (and trained) all the same."""
+    config = transformers.LlamaConfig(**CONFIG)
+    torch.manual_seed(0)
+    base = transformers.LlamaForCausalLM(config)
+    lora = peft.LoraConfig(task_type="CAUSAL_LM", target_modules=["lm_head"], r=4, lora_alpha=8, lora_dropout=0.2,
+                           init_lora_weights=False)
+    models = []
+    for patch in (False, True):
+        inner = copy.deepcopy(base)
+        if patch:
+            rkt.patch_model(inner, weighting="sft")
+        torch.manual_seed(1)  # the same random A and B
+        models.append(peft.get_peft_model(inner, lora).train())
+    want_loss, want = loss_and_grads(models[0])
+    got_loss, got = loss_and_grads(models[1])
+    assert rkt.is_patched(models[1]) and any("lm_head.lora_B" in n for n in got)
+    with torch.no_grad():
+        assert models[1](input_ids=make_batch()[0], labels=make_batch()[1]).logits is None  # the fused path ran
+    torch.testing.assert_close(got_loss, want_loss, rtol=1e-6, atol=1e-6)
+    assert got.keys() == want.keys()
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-5 * float(want[name].abs().max()))
