@@ -93,9 +93,12 @@ def _lora_adapters(head) -> list:
         return []
     adapters = [a for a in _active(head) if a in head.lora_A.keys()]
     for a in adapters:
-        variant = head.lora_variant.get(a) if hasattr(head, "lora_variant") else None
+        variant = getattr(head, "lora_variant", {}).get(a)
+        if variant is None and getattr(head, "use_dora", {}).get(a, False):
+            variant = "DoRA"  # older PEFT: a use_dora flag instead of a variant object
         if variant is not None:
-            _refuse(head, f"adapter {a!r} is a LoRA variant ({type(variant).__name__}: DoRA, aLoRA, ...), which "
+            kind = variant if isinstance(variant, str) else type(variant).__name__
+            _refuse(head, f"adapter {a!r} is a LoRA variant ({kind}: DoRA, aLoRA, ...), which "
                           "the fused loss does not reproduce; use plain LoRA on the head, or leave lm_head out of "
                           "target_modules")
     return adapters
