@@ -155,6 +155,15 @@ def _nll_terms(logp_t: torch.Tensor, target: torch.Tensor, ignore_index: int):
     return neg.sum(), keep.sum().to(torch.float32)
 
 
+def _token_metrics(stats: dict, target: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """``[sum of entropy, correct, kept]`` over the kept tokens of one call (float32, detached):
+    what TRL's ``entropy`` and ``mean_token_accuracy`` average (``integrations.trl``)."""
+    keep = target != ignore_index
+    zero = torch.zeros((), device=keep.device)
+    entropy, correct = (torch.where(keep, stats[k].detach().float(), zero).sum() for k in ("entropy", "accuracy"))
+    return torch.stack([entropy, correct, keep.sum().float()])
+
+
 def _mean_nll(total: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
     """``total / count``; NaN when every token is ignored (like ``F.cross_entropy``'s mean)."""
     return total / count
@@ -571,6 +580,7 @@ class _PatchState:
         self.options = {}
         self.ignore_index = -100
         self.eval_logits = False
+        self.token_metrics = None  # [entropy sum, correct, kept] of the latest call with labels
 
     @property
     def objective(self) -> str:
@@ -723,6 +733,7 @@ def patch_model(model, weighting="sft", *, ignore_index: int = -100, eval_logits
     _check_weighting(weighting)
     _check_options(options, rk.linear_cross_entropy, _RESERVED_LINEAR, "rk.linear_cross_entropy")
     plan = _plan(model)
+    _heads.check_head(model.get_output_embeddings())  # an adapted head PEFT wraps: refused here, not at a step
     try:  # the model's logit transforms with the caller's softcap / temperature: one cap at most
         _reduce_transforms(plan.transforms, model, options.get("softcap"), options.get("temperature", 1.0))
     except ValueError as exc:
@@ -923,6 +934,7 @@ def _fused_loss(self, state, arguments, labels, shift_labels):
                 kept.to(dtype), weight.to(dtype), target,
                 linear_bias=None if bias is None else bias.to(dtype), **options)
     total, count = _nll_terms(stats["logp_t"], target, ignore_index)
+    state.token_metrics = _token_metrics(stats, target, ignore_index)
     aux_term, aux_loss = _router_aux(self, plan, arguments, base)
     if aux_term is not None:
         loss = loss + aux_term.to(loss.device)
@@ -946,6 +958,7 @@ def _logits_loss(self, state, arguments, labels, shift_labels):
                                    reduction="mean", num_items_in_batch=num_items_in_batch, return_stats=True,
                                    **options)
     total, count = _nll_terms(stats["logp_t"], target, ignore_index)
+    state.token_metrics = _token_metrics(stats, target, ignore_index)
     aux_loss = getattr(out, "aux_loss", None)
     if aux_loss is not None and state.plan.aux is not None:  # the forward adds it only with labels
         loss = loss + state.plan.aux[2](self) * aux_loss.to(loss.device)
