@@ -321,6 +321,8 @@ def main(argv=None):
     print(f"{len(train_rows)} training examples ({sum(bool(r.get('noise')) for r in train_rows)} with noise), "
           f"{len(eval_rows)} held-out; objectives {', '.join(weightings)}; seeds {', '.join(map(str, seeds))}; "
           f"noise pattern {noise_re.pattern[:60] + '...' if noise_re else None}", flush=True)
+    prov = {**sim.provenance(None), "command": " ".join(["python examples/finetune_hf.py",
+                                                          *(sys.argv[1:] if argv is None else argv)])}
     wall0, cpu0 = time.time(), time.process_time()
     rows = []
     for seed in seeds:
@@ -332,8 +334,7 @@ def main(argv=None):
                   flush=True)
     summary = sim.summarize(rows, weightings)
     print("\n" + sim.summary_table(summary))
-    result = {"args": vars(args), "provenance": {**sim.provenance(None), "command": " ".join(
-                  ["python examples/finetune_hf.py", *(sys.argv[1:] if argv is None else argv)])},
+    result = {"args": vars(args), "provenance": prov,
               "rows": rows, "summary": {n: {k: {"mean": m, "std": sd, "n": c} for k, (m, sd, c) in s.items()}
                                         for n, s in summary.items()},
               "wall_seconds": time.time() - wall0, "cpu_seconds": time.process_time() - cpu0,

@@ -311,6 +311,7 @@ def run(cfg: MatterConfig, quiet: bool = False, progress: bool | None = None, ar
     cfg.device = ft.resolve_device(cfg.device)
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     hush = quiet if progress is None else not progress
+    prov = provenance(argv)  # before the run: the code that runs is the code at this commit
     load0 = os.getloadavg() if hasattr(os, "getloadavg") else None
     wall0, cpu0 = time.time(), time.process_time()
     say(f"device {cfg.device}, {torch.get_num_threads()} threads; objectives {', '.join(cfg.weightings)}; "
@@ -322,7 +323,7 @@ def run(cfg: MatterConfig, quiet: bool = False, progress: bool | None = None, ar
     names = ["pre-trained only", *cfg.weightings]
     summary = summarize(rows, names)
     result = {"config": {k: (str(v) if k == "device" else v) for k, v in asdict(cfg).items()},
-              "provenance": provenance(argv), "rows": rows,
+              "provenance": prov, "rows": rows,
               "summary": {n: {k: {"mean": m, "std": sd, "n": c} for k, (m, sd, c) in s.items()}
                           for n, s in summary.items()},
               "wall_seconds": time.time() - wall0, "cpu_seconds": time.process_time() - cpu0,
