@@ -347,9 +347,11 @@ def run(cfg: MatterConfig, quiet: bool = False, progress: bool | None = None, ar
     return result
 
 
-def main(argv=None):
+def parse_args(argv=None) -> tuple:
+    """``(MatterConfig, argparse.Namespace)`` of the command line (``--quick`` without
+    ``--out``: the scratch folder :data:`QUICK_OUT`)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="the shortened run of the test (under a minute on 2 cores)")
+    ap.add_argument("--quick", action="store_true", help="the shortened run of the test (about a minute on 2 cores)")
     ap.add_argument("--out", default=None, help="output folder (default: examples/results/see_it_matter; with "
                                                  f"--quick a scratch folder, {QUICK_OUT})")
     ap.add_argument("--seeds", default=None, help="comma-separated (default 0,1,2)")
@@ -372,8 +374,12 @@ def main(argv=None):
         cfg.weightings = tuple(w.strip() for w in args.weightings.split(",") if w.strip())
     cfg.out_dir = args.out or (QUICK_OUT if args.quick else cfg.out_dir)
     cfg.save = not args.no_save
-    run(cfg, progress=not args.quiet, argv=sys.argv[1:] if argv is None else argv)
+    return cfg, args
 
+
+def main(argv=None):
+    cfg, args = parse_args(argv)
+    return run(cfg, progress=not args.quiet, argv=sys.argv[1:] if argv is None else argv)
 
 if __name__ == "__main__":
     main()
