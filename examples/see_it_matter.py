@@ -347,6 +347,44 @@ def run(cfg: MatterConfig, quiet: bool = False, progress: bool | None = None, ar
     return result
 
 
+def merge(parts: list, out_dir: str, argv: list | None = None) -> dict:
+    """One result from the ``see_it_matter.json`` of runs made separately (e.g. one seed per
+    process, in parallel): the rows concatenated, the summary and the plot re-made; each part's
+    provenance, CPU and wall time kept; ``cpu_seconds`` is their sum."""
+    loaded = []
+    for part in parts:
+        path = part if part.endswith(".json") else os.path.join(part, "see_it_matter.json")
+        with open(path) as f:
+            loaded.append(json.load(f))
+    cfgs = [{k: v for k, v in r["config"].items() if k not in ("seeds", "seed", "out_dir")} for r in loaded]
+    if any(c != cfgs[0] for c in cfgs):
+        raise ValueError("parts: the runs differ in more than their seeds and output folders")
+    rows = [row for r in loaded for row in r["rows"]]
+    names = ["pre-trained only", *loaded[0]["config"]["weightings"]]
+    summary = summarize(rows, names)
+    cfg = dict(loaded[0]["config"], seeds=sorted({r["seed"] for r in rows}), out_dir=out_dir)
+    result = {"config": cfg, "provenance": {**provenance(argv), "parts": [r["provenance"] for r in loaded]},
+              "rows": rows, "summary": {n: {k: {"mean": m, "std": sd, "n": c} for k, (m, sd, c) in s.items()}
+                                        for n, s in summary.items()},
+              "wall_seconds": max(r["wall_seconds"] for r in loaded),
+              "cpu_seconds": sum(r["cpu_seconds"] for r in loaded),
+              "parts": [{"wall_seconds": r["wall_seconds"], "cpu_seconds": r["cpu_seconds"],
+                         "loadavg_start": r["loadavg_start"], "loadavg_end": r["loadavg_end"]} for r in loaded],
+              "files": {}}
+    os.makedirs(out_dir, exist_ok=True)
+    png = plot_summary(rows, names, os.path.join(out_dir, "see_it_matter.png"),
+                       f"Tiny LM, {cfg['n_ops']}-step arithmetic, {cfg['noise_frac']:.0%} of responses with a sentence "
+                       f"after step 1, {cfg['steps']} steps; mean ± std over {len(cfg['seeds'])} seeds")
+    if png:
+        result["files"]["png"] = png
+    result["files"]["json"] = os.path.join(out_dir, "see_it_matter.json")
+    with open(result["files"]["json"], "w") as f:
+        json.dump(result, f, indent=1)
+    print(summary_table(summary))
+    print(f"CPU {result['cpu_seconds']:.0f} s in all; files: " + ", ".join(result["files"].values()))
+    return result
+
+
 def parse_args(argv=None) -> tuple:
     """``(MatterConfig, argparse.Namespace)`` of the command line (``--quick`` without
     ``--out``: the scratch folder :data:`QUICK_OUT`)."""
@@ -362,6 +400,8 @@ def parse_args(argv=None) -> tuple:
             ap.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=None, help=f"default {f.default}")
     ap.add_argument("--no-save", action="store_true", help="write no files")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    ap.add_argument("--merge", nargs="+", metavar="DIR", help="merge the results of separate runs (e.g. one seed "
+                    "each) into --out and exit")
     args = ap.parse_args(argv)
     cfg = MatterConfig(**(QUICK if args.quick else {}))
     for f in fields(MatterConfig):
@@ -379,6 +419,8 @@ def parse_args(argv=None) -> tuple:
 
 def main(argv=None):
     cfg, args = parse_args(argv)
+    if args.merge:
+        return merge(args.merge, cfg.out_dir, sys.argv[1:] if argv is None else argv)
     return run(cfg, progress=not args.quiet, argv=sys.argv[1:] if argv is None else argv)
 
 if __name__ == "__main__":
