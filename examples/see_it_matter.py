@@ -8,7 +8,7 @@ The setting was fixed before any objective but ``sft`` was run (``docs/see_it_wo
 it matter"): the task and model of ``examples/finetune.py --quick`` (2-step arithmetic, a
 2-layer character model), **30 %** of the training responses corrupted with an irrelevant
 sentence **always right after the first step** (a learnable place), and a **tighter budget**
-of 200 fine-tuning steps. For every seed
+of 150 fine-tuning steps. For every seed
 (data, corruption, pre-training, batches) the same pre-trained model is fine-tuned with each
 objective (``rk.linear_cross_entropy(hidden, lm_head.weight, target, weighting=name)``), and on
 the held-out problems we measure:
@@ -63,7 +63,7 @@ METRICS = (("accuracy", "held-out exact match (greedy)", "%"),
 @dataclass
 class MatterConfig(ft.Config):
     """``finetune.Config`` with the setting of ``docs/see_it_work.md`` ("See it matter"): the
-    task and model of ``finetune.QUICK``, 30 % corruption after the first step, 200 steps."""
+    task and model of ``finetune.QUICK``, 30 % corruption after the first step, 150 steps."""
     max_value: int = 20
     n_ops: int = 2
     n_train: int = 1500
@@ -72,11 +72,11 @@ class MatterConfig(ft.Config):
     n_layer: int = 2
     d_ff: int = 256
     max_len: int = 96
-    pretrain_steps: int = 600
+    pretrain_steps: int = 400
     pretrain_lr: float = 4e-3
     pretrain_seq: int = 48
     noise_frac: float = 0.3                                # corrupted training responses
-    steps: int = 200                                       # fine-tuning steps (the tighter budget)
+    steps: int = 150                                       # fine-tuning steps (the tighter budget)
     weightings: tuple = ("sft", "ranktuner", "dft", "talr")
     seeds: tuple = (0, 1, 2)
     temperature: float = 1.0                               # for noisy_sampled
