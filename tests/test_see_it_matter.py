@@ -39,8 +39,7 @@ def test_corruption_is_after_the_first_step():
         assert r.startswith(clean[:cut] + " ") and r.endswith(clean[cut:])
         inserted = r[cut + 1: len(r) - len(clean[cut:])]
         assert inserted[0].isupper() and inserted.endswith(".") and not any(ch.isdigit() for ch in inserted)
-    clean_ft = [r for (_, c, _), (_, r, n) in zip(data["train"], data["finetune"]) if not n for r in [r] if r == c]
-    assert len(clean_ft) == 200 - len(noisy)
+    assert all(r == c for (_, c, _), (_, r, n) in zip(data["train"], data["finetune"]) if not n)
     assert not {p for p, _, _ in data["train"]} & {p for p, _, _ in data["test"]}
     assert sim.make_data(cfg) == data  # a seed fixes the data
 
@@ -54,7 +53,7 @@ def test_summarize_mean_and_sample_std():
     assert s["a"]["accuracy"][0] == pytest.approx(0.7) and s["a"]["accuracy"][1] == pytest.approx(0.2)
     assert s["a"]["clean_nll"][1] == pytest.approx(statistics.stdev([1.0, 2.0, 4.0]))
     assert s["b"]["accuracy"][1] == 0.0 and "noisy_sampled" not in s["a"]
-    assert "0.7000 ± 0.2000" not in sim.summary_table(s) and "70.0 ± 20.0 %" in sim.summary_table(s)
+    assert "| `a` | 70.0 ± 20.0 % | 2.3333 ± 1.5275 |" in sim.summary_table(s)  # no column for a metric no row has
 
 
 def test_quick_writes_to_a_scratch_folder_unless_told():
@@ -86,7 +85,8 @@ def test_quick_run_reproduces_the_committed_figures(tmp_path):
                     "--out examples/results/see_it_matter_quick")
     with open(COMMITTED) as f:
         committed = json.load(f)
-    assert committed["provenance"]["command"].split()[2:] == ["--quick", "--out", "examples/results/see_it_matter_quick"]
+    args = committed["provenance"]["command"].split()[2:]  # the committed figures are the quick run's
+    assert "--quick" in args and set(args) <= {"--quick", "--out", "examples/results/see_it_matter_quick", "--quiet"}
     cfg, _ = sim.parse_args(["--quick", "--out", str(tmp_path)])
     res = sim.run(cfg, quiet=True)
     assert os.path.isfile(tmp_path / "see_it_matter.json")
