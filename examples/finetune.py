@@ -1,7 +1,7 @@
 """See it work: fine-tune a tiny causal LM with ``sft``, ``ranktuner`` and ``dft``.
 
     python examples/finetune.py                 # defaults: a few minutes on a 2-core CPU
-    python examples/finetune.py --quick         # the shortened run of tests/test_examples.py
+    python examples/finetune.py --quick         # the shortened run of tests/test_examples.py (to a scratch folder)
     python examples/finetune.py --help
 
 Everything is generated here with a fixed seed; nothing is downloaded.
@@ -30,8 +30,9 @@ Everything is generated here with a fixed seed; nothing is downloaded.
 4. **Results**: a table of final accuracies, the curves PNG (NLL, objective, mean weight,
    accuracy; needs matplotlib), the noise-sensitivity table (paper Table 1's format) of the
    pre-trained and fine-tuned models, and a token-inspector page/PNG of one corrupted
-   training response under the ranktuner-fine-tuned model. Files go to ``--out-dir``
-   (``examples/results``): ``finetune_curves.png``, ``inspect_ranktuner.{html,png}``,
+   training response under the ranktuner-fine-tuned model. Files go to ``--out``
+   (``--out-dir``; default ``examples/results``, but ``--quick`` writes to a scratch folder
+   under the system's temporary directory unless ``--out`` is given): ``finetune_curves.png``, ``inspect_ranktuner.{html,png}``,
    ``results.json``, checkpoints ``tiny_lm_<name>.pt`` (loadable by
    ``python -m ranktuner_kernels.analysis.cli --model examples/tiny_lm.py:load_checkpoint``).
 """
@@ -46,6 +47,7 @@ import os
 import random
 import re
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, fields
 
@@ -55,7 +57,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from tiny_lm import CharTokenizer, TinyLM, TinyLMConfig, save_checkpoint  # noqa: E402
 
 import ranktuner_kernels as rk  # noqa: E402
-from ranktuner_kernels.analysis.noise_metric import insert_at_midpoint, noise_sensitivity  # noqa: E402
+from ranktuner_kernels.analysis.noise_metric import insert_at_midpoint  # noqa: E402
 
 try:
     from tqdm.auto import tqdm
@@ -104,6 +106,8 @@ class Config:
 
 
 #: ``--quick``: the shortened run of tests/test_examples.py.
+#: where ``--quick`` writes unless ``--out`` is given (the committed ``examples/results`` hold the full run)
+QUICK_OUT = os.path.join(tempfile.gettempdir(), "ranktuner_examples", "finetune_quick")
 QUICK = dict(max_operand=10, max_value=20, n_ops=2, n_train=1500, n_test=200, d_model=64, n_layer=2, d_ff=256,
              max_len=96, pretrain_steps=800, pretrain_lr=4e-3, pretrain_seq=48, steps=300, lr=2e-3, eval_every=100,
              eval_n=100, diag_n=200)
@@ -395,12 +399,32 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def run(cfg: Config, quiet: bool = False, progress: bool | None = None) -> dict:
+def provenance(argv: list | None = None) -> dict:
+    """The commit (``describe``: ``git describe --always --dirty``), the command and the
+    machine, recorded with every result file."""
+    import platform
+    import subprocess
+
+    def git(*args):
+        try:
+            return subprocess.run(["git", *args], cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True,
+                                  text=True, timeout=10).stdout.strip() or None
+        except (OSError, subprocess.SubprocessError):
+            return None
+    args = sys.argv[1:] if argv is None else list(argv)
+    return {"commit": git("rev-parse", "HEAD"), "describe": git("describe", "--always", "--dirty"),
+            "command": " ".join(["python examples/" + os.path.basename(__file__), *args]),
+            "python": platform.python_version(), "torch": torch.__version__, "machine": platform.machine(),
+            "cpus": os.cpu_count(), "threads": torch.get_num_threads()}
+
+
+def run(cfg: Config, quiet: bool = False, progress: bool | None = None, argv: list | None = None) -> dict:
     """The whole example; returns ``{"rows", "histories", "diagnostics", "files", "accuracy"}``
     (``rows``: accuracy per model, the untrained and pre-trained-only baselines first).
     ``quiet``: print nothing; ``progress``: progress bars and periodic evaluation lines
     (default: ``not quiet``)."""
     t_start = time.time()
+    prov = provenance(argv)  # before the run: the commit of the code that runs
     cfg = copy.deepcopy(cfg)
     cfg.device = resolve_device(cfg.device)
     say = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
@@ -469,13 +493,14 @@ def run(cfg: Config, quiet: bool = False, progress: bool | None = None) -> dict:
     diagnostics = {}
     for label, state in [("pre-trained", base_state), *((f"fine-tuned: {n}", s) for n, s in models.items())]:
         model.load_state_dict(state)
-        ns = noise_sensitivity(model, pairs, data["sentences"], tok.encode, rho=0.1, seed=cfg.seed,
+        ns = rk.noise_sensitivity(model, pairs, data["sentences"], tok.encode, rho=0.1, seed=cfg.seed,
                                max_length=cfg.max_len, prefix_ids=[tok.bos_id], pad_id=tok.pad_id, impl=cfg.impl)
         diagnostics[label] = ns
         say("\n" + ns.table(f"Noise sensitivity, {label} model"))
 
     # token inspection of one corrupted training response under the ranktuner model
     if cfg.save and "ranktuner" in models:
+        inspect_fn = rk.inspect
         model.load_state_dict(models["ranktuner"])
         p, r, _ = next(e for e in ft if e[2])
         ids = [tok.bos_id] + tok.encode(p) + tok.encode(r) + [tok.eos_id]
@@ -500,6 +525,7 @@ def run(cfg: Config, quiet: bool = False, progress: bool | None = None) -> dict:
         if curves:
             files["curves"] = curves
         summary = {"config": {k: (str(v) if k == "device" else v) for k, v in asdict(cfg).items()},
+                   "provenance": prov,
                    "device": str(cfg.device), "threads": torch.get_num_threads(), "torch": torch.__version__,
                    "rows": rows, "seconds": time.time() - t_start,
                    "diagnostics": {k: {"rows": v.rows, "n_examples": v.n_examples, "n_corrupted": v.n_corrupted,
@@ -515,9 +541,13 @@ def run(cfg: Config, quiet: bool = False, progress: bool | None = None) -> dict:
             "accuracy": {r["name"].split(": ")[-1]: r["accuracy"] for r in rows}}
 
 
-def main(argv=None):
+def parse_args(argv=None) -> tuple:
+    """``(Config, argparse.Namespace)`` of the command line (``--quick`` without ``--out``:
+    the scratch folder)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="the shortened run of the test (about a minute on 2 CPU cores)")
+    ap.add_argument("--quick", action="store_true", help="the shortened run of the test (about a minute on 2 CPU cores); "
+                    f"writes to a scratch folder ({QUICK_OUT}) unless --out is given")
+    ap.add_argument("--out", dest="out", default=None, help="output folder (same as --out-dir)")
     for f in fields(Config):
         if f.name in ("weightings", "save", "pretrain_mix"):
             continue
@@ -534,8 +564,17 @@ def main(argv=None):
             setattr(cfg, f.name, v)
     if args.weightings:
         cfg.weightings = tuple(w.strip() for w in args.weightings.split(",") if w.strip())
+    if args.out is not None:
+        cfg.out_dir = args.out
+    elif args.quick and args.out_dir is None:
+        cfg.out_dir = QUICK_OUT  # never over the committed full-run results
     cfg.save = not args.no_save
-    run(cfg, progress=not args.quiet)
+    return cfg, args
+
+
+def main(argv=None):
+    cfg, args = parse_args(argv)
+    run(cfg, progress=not args.quiet, argv=sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ uses::
 from __future__ import annotations
 
 import math
+import os
 import string
 from dataclasses import asdict, dataclass
 
@@ -143,11 +144,19 @@ class TinyLM(nn.Module):
         """Logits ``[B, T, V]``: row ``t`` predicts token ``t + 1``."""
         return self.lm_head(self.hidden(ids))
 
-    @torch.no_grad()
     def generate_greedy(self, prompts: list[list[int]], max_new_tokens: int, eos_id: int) -> list[list[int]]:
-        """Greedy continuations (up to and excluding ``eos_id``) of each prompt, with a
-        key/value cache; prompts of the same length are decoded together, so no padding or
-        attention mask is needed."""
+        """Greedy continuations (up to and excluding ``eos_id``) of each prompt."""
+        return self.generate(prompts, max_new_tokens, eos_id)
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], max_new_tokens: int, eos_id: int, temperature: float = 0.0,
+                 generator: torch.Generator | None = None) -> list[list[int]]:
+        """Continuations (up to and excluding ``eos_id``) of each prompt, with a key/value
+        cache; prompts of the same length are decoded together, so no padding or attention
+        mask is needed. ``temperature=0``: greedy; ``> 0``: sampled from
+        ``softmax(logits / temperature)`` with ``generator`` (on the model's device)."""
+        if temperature < 0:
+            raise ValueError(f"temperature: must be >= 0, got {temperature}")
         was_training = self.training
         self.eval()
         device = self.lm_head.weight.device
@@ -162,7 +171,12 @@ class TinyLM(nn.Module):
             h = self.hidden(ids, caches)
             steps = min(max_new_tokens, self.cfg.max_len - length + 1)
             for step in range(steps):
-                nxt = self.lm_head(h[:, -1]).argmax(-1)
+                logits = self.lm_head(h[:, -1]).float()
+                if temperature > 0:
+                    probs = torch.softmax(logits / temperature, dim=-1)
+                    nxt = torch.multinomial(probs, 1, generator=generator)[:, 0]
+                else:
+                    nxt = logits.argmax(-1)
                 nxt = torch.where(done, torch.full_like(nxt, eos_id), nxt)
                 ids = torch.cat([ids, nxt[:, None]], dim=1)
                 done |= nxt == eos_id
@@ -185,6 +199,11 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     """``{"model", "tokenizer", "encode", "decode", "token_strings", "bos_id"}`` from a file
     written by :func:`save_checkpoint`; the dict is the loader protocol of
     ``python -m ranktuner_kernels.analysis.cli --model examples/tiny_lm.py:load_checkpoint``."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"no checkpoint {str(path)!r}: the example checkpoints are written by a full run of the example "
+            "(`python examples/finetune.py` writes examples/results/tiny_lm_{pretrained,sft,ranktuner,dft}.pt; "
+            "`--out-dir DIR` writes them to DIR). Run it first, or pass --checkpoint a file it wrote.")
     ckpt = torch.load(path, map_location=map_location, weights_only=True)
     tok = CharTokenizer(ckpt["alphabet"])
     model = TinyLM(TinyLMConfig(**ckpt["config"]))

@@ -79,3 +79,20 @@ def test_finetune_checkpoint_loads_for_the_inspector(tmp_path):
         for _ in gen:
             seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
         assert seq[len(prompt):] == gen
+
+
+def test_inspector_says_what_to_run_when_the_checkpoint_is_missing(tmp_path):
+    """The documented inspector command on a fresh checkout (no checkpoint yet): a one-line
+    error that names the command writing the checkpoint, no traceback, nothing written to the
+    current directory."""
+    import subprocess
+
+    load_example()
+    cmd = [sys.executable, "-m", "ranktuner_kernels.analysis.cli", "--model",
+           os.path.join(EXAMPLES, "tiny_lm.py") + ":load_checkpoint", "--checkpoint", str(tmp_path / "tiny_lm_ranktuner.pt"),
+           "--prompt", "5+1=?\n", "--text", "5+1=6. A: 6", "--html", str(tmp_path / "out" / "t.html")]
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "python examples/finetune.py" in proc.stderr and "tiny_lm_ranktuner.pt" in proc.stderr
+    assert os.listdir(tmp_path) == []

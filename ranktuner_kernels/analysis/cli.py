@@ -147,11 +147,18 @@ def main(argv=None) -> int:
                 args.text = f.read()
         if args.text is None:
             ap.error("--model needs --text or --text-file")
-        kw = _from_model(args.model, args.checkpoint, args.prompt, args.text)
-    else:
-        kw = _from_saved(args.saved)
+    try:
+        # a missing file: the loader's message (it may say what writes the file), no traceback
+        kw = (_from_model(args.model, args.checkpoint, args.prompt, args.text) if args.model is not None
+              else _from_saved(args.saved))
+    except FileNotFoundError as e:
+        print(f"error: {e.strerror or e}" + (f": {e.filename!r}" if e.filename else ""), file=sys.stderr)
+        return 2
     source = kw.pop("source")
     try:
+        for path in (args.html, args.png):
+            if path and os.path.dirname(path):
+                os.makedirs(os.path.dirname(path), exist_ok=True)
         weighting = parse_weighting(args.weighting)
         inspect(source, weighting=weighting, html=args.html, png=args.png,
                            png_rows=tuple(r.strip() for r in args.png_rows.split(",") if r.strip()),

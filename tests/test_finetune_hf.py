@@ -1,0 +1,90 @@
+"""examples/finetune_hf.py on a tiny random Llama built from a config (saved with
+``save_pretrained``) and a character tokenizer built offline: a few Trainer steps with the
+patched (fused) loss, the NLL logging, the evaluation and the plot; LoRA through ``--lora``."""
+
+import importlib.util
+import json
+import os
+import sys
+
+import pytest
+
+pytest.importorskip("transformers")
+EXAMPLES = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "examples")
+
+
+def load():
+    if not os.path.isfile(os.path.join(EXAMPLES, "finetune_hf.py")):
+        pytest.skip("examples/ is not beside tests/ (not a source checkout)")
+    spec = importlib.util.spec_from_file_location("rk_example_finetune_hf", os.path.join(EXAMPLES, "finetune_hf.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    hf = load()
+    root = tmp_path_factory.mktemp("finetune_hf")
+    model = hf.make_tiny_model(str(root / "model"))
+    train, test = hf.make_demo_data(str(root / "data"))
+    rows = [json.loads(line) for line in open(train)][:48]
+    assert sum("noise" in r for r in rows) > 0
+    small_train, small_test = root / "train.jsonl", root / "test.jsonl"
+    small_train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    small_test.write_text("".join(line for line in list(open(test))[:4]))
+    return hf, model, str(small_train), str(small_test), root
+
+
+def test_demo_data_and_tokenizer(setup):
+    hf, model, train, test, _ = setup
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model)
+    row = hf.read_jsonl(train)[1]
+    enc = hf.encode(tok, row["prompt"], row["response"], 512)
+    assert tok.decode(enc["input_ids"], skip_special_tokens=True) == row["prompt"] + row["response"]
+    n_prompt = len(tok(row["prompt"])["input_ids"])
+    assert enc["labels"][:n_prompt] == [-100] * n_prompt and enc["labels"][-1] == tok.eos_token_id
+    noisy = next(r for r in hf.read_jsonl(train) if "noise" in r)
+    assert noisy["noise"] in noisy["response"] and noisy["response"].index(noisy["noise"]) == noisy["response"].index(".") + 2
+    assert hf.noise_pattern([noisy], None).search(noisy["response"])
+
+
+def test_read_jsonl_names_the_bad_line(tmp_path):
+    hf = load()
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2"):
+        hf.read_jsonl(str(bad))
+    with pytest.raises(FileNotFoundError, match="--make-demo-data"):
+        hf.read_jsonl(str(tmp_path / "missing.jsonl"))
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_finetune_hf_runs_patched_trainer(setup, lora):
+    if lora:
+        pytest.importorskip("peft")
+    hf, model, train, test, root = setup
+    out = root / f"out_{lora}"
+    res = hf.main(["--model", model, "--data", train, "--eval-data", test, "--weighting", "sft,ranktuner",
+                   "--steps", "2", "--batch-size", "4", "--lr", "1e-3", "--logging-steps", "1", "--eval-every", "2",
+                   "--max-new-tokens", "6", "--eval-batch-size", "4", "--answer-regex", r"A: (\d+)", "--out", str(out),
+                   "--quiet", *(["--lora", "--lora-r", "4"] if lora else [])])
+    assert [r["weighting"] for r in res["rows"]] == ["sft", "ranktuner"]
+    for r in res["rows"]:
+        logs = [h for h in r["log_history"] if "loss" in h and "nll" in h]
+        assert len(logs) == 2  # the NLL next to every logged loss
+        assert any("eval_nll" in h for h in r["log_history"])
+        assert 0 <= r["accuracy"] <= 1 and 0 <= r["noisy_sampled"] <= 1 and r["clean_nll"] > 0
+        if r["weighting"] == "sft":  # the objective is the NLL
+            assert logs[-1]["loss"] == pytest.approx(logs[-1]["nll"], rel=1e-3)
+        else:  # ranktuner's w0 = p_t on a random model: far below the NLL
+            assert logs[-1]["loss"] < 0.5 * logs[-1]["nll"]
+    with open(res["files"]["json"]) as f:
+        saved = json.load(f)
+    assert saved["provenance"]["command"].startswith("python examples/finetune_hf.py --model")
+    assert set(saved["summary"]) == {"sft", "ranktuner"}
+    if "png" in res["files"]:
+        assert os.path.getsize(res["files"]["png"]) > 5000
