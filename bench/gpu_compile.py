@@ -15,7 +15,7 @@ Two steps, two processes:
    stack (spill) bytes and shared memory (``cuobjdump -res-usage`` on the cubin; the AMDGPU
    kernel descriptor for gfx942), and the SASS of the hot loop (:func:`loop_counts`).
 
-Launch shapes: the vocabulary is 2100 wide (one full 2048 tile, the GPU default, and a
+Launch shapes: the vocabulary is 2112 wide (one full 2048 tile, the GPU default, and a
 ragged tail), so the row kernels compile at their production block sizes; THR is recorded
 with its GPU default blocks (``thr.gpu_blocks()``).
 """
@@ -39,8 +39,9 @@ TARGETS = {
 }
 #: Kernels whose hot loop streams one row: they must not spill.
 ROW_KERNELS = ("_row_stats_kernel", "_row_grad_kernel", "_topk_entropy_kernel")
-#: The vocabulary width the launches are recorded at (a full 2048 tile plus a ragged tail).
-V_RECORD = 2100
+#: The vocabulary width the launches are recorded at: a full 2048 tile plus a ragged tail, and a
+#: multiple of 16 as LLM vocabularies are (Triton specializes the row strides on it: 16-byte loads).
+V_RECORD = 2112
 
 
 def backends_available() -> str | None:
