@@ -241,7 +241,7 @@ def _resources_cuda(cubin: bytes, arch: str):
         f.write(cubin)
         f.flush()
         res = subprocess.run([_tool("cuobjdump"), "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
-        sass = subprocess.run([_tool("nvdisasm"), "-c", "-hex" if False else "-c", f.name],
+        sass = subprocess.run([_tool("nvdisasm"), "-c", f.name],
                               capture_output=True, text=True, check=True).stdout
     fields = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", res))
     return {"registers": int(fields.get("REG", -1)), "stack": int(fields.get("STACK", -1)),
@@ -256,6 +256,30 @@ def _resources_hip(asm: str):
     return {"registers": field(r"\.vgpr_count:\s+(\d+)"),
             "stack": field(r"\.private_segment_fixed_size:\s+(\d+)"),
             "local": field(r"\.vgpr_spill_count:\s+(\d+)")}
+
+
+def _ldg_bytes(text):
+    """Bytes per thread of one SASS global load (``LDG.E.128`` 16, ``.64`` 8, ``.U16`` 2, ...)."""
+    op = re.sub(r"^@!?U?P\w+\s+", "", text).split()[0]
+    if not op.startswith("LDG"):
+        return 0
+    for suffix, size in ((".128", 16), (".64", 8), (".U16", 2), (".S16", 2), (".U8", 1), (".S8", 1)):
+        if suffix in op:
+            return size
+    return 4
+
+
+def main_loop(row, elem_bytes):
+    """The streaming loop of a row kernel (the loop loading the most bytes) with its counts per
+    element: ``per_elem`` (instructions per element per thread, on the fast path), ``warp_per_elem``
+    (``per_elem / 32``: warp-instructions per element) and ``mufu_per_elem``; None without one."""
+    loops = [lp for lp in row.get("loops", []) if lp["ldg_bytes"] > 0]
+    if not loops:
+        return None
+    lp = max(loops, key=lambda x: (x["ldg_bytes"], x["static"]))
+    elems = lp["ldg_bytes"] / elem_bytes  # elements per thread per iteration
+    return dict(lp, elems=elems, per_elem=lp["fast"] / elems, warp_per_elem=lp["fast"] / elems / 32,
+                mufu_per_elem=lp["mufu"] / elems)
 
 
 _INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?);")
@@ -322,17 +346,41 @@ def loop_counts(sass: str) -> list[dict]:
         out.append({"static": n, "fast": dist[n] if dist[n] != inf else n,
                     "mufu": mufu[n] if dist[n] != inf else sum("MUFU" in s for s in body),
                     "mufu_static": sum("MUFU" in s for s in body),
-                    "ldg": sum(s.split()[0].startswith("LDG") or " LDG" in s for s in body)})
+                    "ldg": sum(s.split()[0].startswith("LDG") or " LDG" in s for s in body),
+                    "ldg_bytes": sum(_ldg_bytes(s) for s in body)})
     out.sort(key=lambda lp: lp["static"])
     return out
 
 
-def _describe(variant):
-    kw = {k: _decode(v) for k, v in variant["kwargs"].items()}
-    args = [_decode(a) for a in variant["args"]]
-    dtypes = sorted({str(a.dtype).replace("torch.", "") for a in args if hasattr(a, "dtype") and
-                     str(a.dtype) in ("torch.bfloat16", "torch.float16", "torch.float32")})
-    return args, kw, dtypes
+#: Launch arguments that only pick the weighting's formula (compiled into a row-level epilogue).
+FORMULA_KEYS = ("FORMULA", "S0", "S1", "S2", "S3")
+
+
+def distinct_kernels(variants):
+    """One variant per kernel, logits dtype and switch set, the weighting's formula aside."""
+    seen, out = set(), []
+    for v in variants:
+        key = json.dumps([v["name"], v["args"][0], {k: x for k, x in v["kwargs"].items() if k not in FORMULA_KEYS}],
+                         sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            out.append(v)
+    return out
+
+
+def describe(variant):
+    """A short label: logits dtype and the switches that are on (``FORMULA=name``)."""
+    parts = [variant["args"][0][1]]
+    for k, x in sorted(variant["kwargs"].items()):
+        if x[0] == "bool" and x[1]:
+            parts.append(k)
+        elif x[0] == "jit":
+            parts.append(f"{k}={x[2]}")
+        elif x[0] == "str" and k.startswith("S"):
+            parts.append(f"{k}={x[1]}")
+        elif k in ("PRECISION",):
+            parts.append(f"{k}={x[1]}")
+    return " ".join(parts)
 
 
 def compile_one(variant, target_name):
@@ -371,26 +419,26 @@ def _worker(target_name, variants):
     json.dump(rows, sys.stdout)
 
 
-def compile_variants(variants, targets=tuple(TARGETS), jobs=2, python=None, timeout=1800):
-    """Compile ``variants`` for each target in subprocesses (``jobs`` at a time; ``python``: the
-    interpreter to use, e.g. another venv's for another Triton version). Rows of metrics."""
+def compile_variants(variants, targets=tuple(TARGETS), jobs=2, python=None, timeout=3600):
+    """Compile ``variants`` (a list, or a dict ``target -> list``) for each target in
+    subprocesses (``jobs`` at a time; ``python``: the interpreter to use, e.g. another venv's
+    for another Triton version). Rows of metrics; ``row["variant"]`` indexes the target's list."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    payload = json.dumps(variants)
+    env["PYTHONWARNINGS"] = "ignore"
+    per_target = variants if isinstance(variants, dict) else {t: variants for t in targets}
     procs, rows, pending = [], [], list(targets)
     while pending or procs:
         while pending and len(procs) < jobs:
             tname = pending.pop(0)
-            p = subprocess.Popen([python or sys.executable, "-m", "bench.gpu_compile", "--worker", tname],
+            # run as a file: the installed ranktuner_kernels, not the checkout folder, is imported
+            p = subprocess.Popen([python or sys.executable, os.path.abspath(__file__), "--worker", tname],
                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                 text=True, env=env, cwd=root)
-            p.stdin.write(payload)
+                                 text=True, env=env)
+            p.stdin.write(json.dumps(per_target[tname]))
             p.stdin.close()
             procs.append((tname, p))
         tname, p = procs.pop(0)
-        out, err = p.stdout.read(), p.stderr.read()
-        p.wait(timeout=timeout)
+        out, err = p.communicate(timeout=timeout)
         if p.returncode != 0:
             rows.append({"name": "<worker>", "target": tname, "error": err[-3000:]})
             continue
@@ -403,8 +451,20 @@ def triton_version(python=None):
                           capture_output=True, text=True).stdout.strip()
 
 
+def record_in_subprocess(python=None):
+    """:func:`record_variants` in a fresh interpreter with ``TRITON_INTERPRET=1``: ``(variants, launches)``."""
+    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONWARNINGS="ignore")
+    out = subprocess.run([python or sys.executable, os.path.abspath(__file__), "--record"], capture_output=True,
+                         text=True, env=env, check=True)
+    data = json.loads(out.stdout)
+    return data["variants"], data["launches"]
+
+
 if __name__ == "__main__":
     if len(sys.argv) == 3 and sys.argv[1] == "--worker":
         _worker(sys.argv[2], json.loads(sys.stdin.read()))
+    elif sys.argv[1:] == ["--record"]:
+        variants, launches = record_variants()
+        json.dump({"variants": variants, "launches": launches}, sys.stdout)
     else:
-        sys.exit("usage: python -m bench.kernels_report (this module is its worker)")
+        sys.exit("usage: python -m bench.kernels_report (this file is its worker)")
