@@ -390,8 +390,8 @@ def compile_one(variant, target_name):
     kernel = fn.run(*args, grid=(1,), warmup=True, **kw)
     md = kernel.metadata
     row = {"name": variant["name"], "target": target_name, "num_warps": md.num_warps,
-           "shared": md.shared, "constexprs": {k: v for k, v in kw.items() if not isinstance(v, float)
-                                               and k not in ("debug",)}}
+           "shared": md.shared,
+           "constexprs": {k: (x[2] if x[0] == "jit" else x[1] if len(x) > 1 else None) for k, x in variant["kwargs"].items() if x[0] != "float"}}
     if target_name.startswith("sm_"):
         res, sass = _resources_cuda(kernel.asm["cubin"], target_name)
         row.update(res)
@@ -406,6 +406,7 @@ def _worker(target_name, variants):
     """Subprocess body: compile every variant for one target; JSON lines on stdout."""
     from triton.runtime import driver
 
+    target_name = target_name.split("#")[0]  # "sm_90#2": a share of sm_90's list
     index = list(TARGETS).index(target_name)
     driver.set_active(_target_driver(TARGETS[target_name], index))
     rows = []
@@ -422,7 +423,9 @@ def _worker(target_name, variants):
 def compile_variants(variants, targets=tuple(TARGETS), jobs=2, python=None, timeout=3600):
     """Compile ``variants`` (a list, or a dict ``target -> list``) for each target in
     subprocesses (``jobs`` at a time; ``python``: the interpreter to use, e.g. another venv's
-    for another Triton version). Rows of metrics; ``row["variant"]`` indexes the target's list."""
+    for another Triton version). A key ``"sm_90#2"`` is a share of a target's work (its own
+    list, its own process). Rows of metrics; ``row["variant"]`` indexes the key's list and
+    ``row["key"]`` names it."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONWARNINGS"] = "ignore"
     per_target = variants if isinstance(variants, dict) else {t: variants for t in targets}
@@ -431,18 +434,20 @@ def compile_variants(variants, targets=tuple(TARGETS), jobs=2, python=None, time
         while pending and len(procs) < jobs:
             tname = pending.pop(0)
             # run as a file: the installed ranktuner_kernels, not the checkout folder, is imported
-            p = subprocess.Popen([python or sys.executable, os.path.abspath(__file__), "--worker", tname],
-                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                 text=True, env=env)
-            p.stdin.write(json.dumps(per_target[tname]))
-            p.stdin.close()
-            procs.append((tname, p))
-        tname, p = procs.pop(0)
+            with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+                json.dump(per_target[tname], f)
+            p = subprocess.Popen([python or sys.executable, os.path.abspath(__file__), "--worker", tname, f.name],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+            procs.append((tname, p, f.name))
+        tname, p, path = procs.pop(0)
         out, err = p.communicate(timeout=timeout)
+        os.unlink(path)
         if p.returncode != 0:
             rows.append({"name": "<worker>", "target": tname, "error": err[-3000:]})
             continue
-        rows.extend(json.loads(out))
+        for row in json.loads(out):
+            row["key"] = tname
+            rows.append(row)
     return rows
 
 
@@ -461,8 +466,9 @@ def record_in_subprocess(python=None):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 3 and sys.argv[1] == "--worker":
-        _worker(sys.argv[2], json.loads(sys.stdin.read()))
+    if len(sys.argv) == 4 and sys.argv[1] == "--worker":
+        with open(sys.argv[3]) as f:
+            _worker(sys.argv[2], json.load(f))
     elif sys.argv[1:] == ["--record"]:
         variants, launches = record_variants()
         json.dump({"variants": variants, "launches": launches}, sys.stdout)

@@ -49,8 +49,8 @@ bf16 logits faster than 2.1e12 / *x* bytes/s at full issue efficiency (at 0.45: 
 """
 
 
-def _record(all_variants: bool):
-    variants, launches = gc.record_in_subprocess()
+def _record(all_variants: bool, python=None):
+    variants, launches = gc.record_in_subprocess(python)
     return variants, (variants if all_variants else gc.distinct_kernels(variants)), launches
 
 
@@ -131,6 +131,9 @@ def main(argv=None):
     ap.add_argument("--all", action="store_true", help="every recorded variant (default: one per formula set)")
     ap.add_argument("--targets", default=",".join(gc.TARGETS))
     ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--record-with", default=None,
+                    help="the interpreter that records the launches (default: this one; the launches do not "
+                         "depend on the Triton version)")
     ap.add_argument("--out", default=os.path.join(RESULTS, "kernels.md"))
     args = ap.parse_args(argv)
     why = gc.backends_available()
@@ -138,7 +141,7 @@ def main(argv=None):
         print(f"skipped: {why}")
         return 0
     t0 = time.time()
-    recorded, variants, launches = _record(args.all)
+    recorded, variants, launches = _record(args.all, args.record_with)
     print(f"recorded {launches} launches, {len(recorded)} distinct; compiling {len(variants)} per target", flush=True)
     table, tritons = [], []
     for py in [sys.executable] + args.python:
