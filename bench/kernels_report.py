@@ -78,15 +78,13 @@ def summarize(rows, variants):
 
 
 def spills(table):
-    """Rows breaking the rule: a compile error, or stack bytes in a row kernel (any target) or
-    in any kernel on an NVIDIA target."""
-    bad = []
-    for t in table:
-        if t["error"]:
-            bad.append(t)
-        elif t["stack"] and (t["kernel"] in gc.ROW_KERNELS or t["target"].startswith("sm_")):
-            bad.append(t)
-    return bad
+    """Rows breaking the rule: a compile error, or stack bytes in a row kernel (any target)."""
+    return [t for t in table if t["error"] or (t["stack"] and t["kernel"] in gc.ROW_KERNELS)]
+
+
+def other_stack(table):
+    """Kernels besides the row kernels with stack bytes (reported, not a failure: THR)."""
+    return [t for t in table if not t["error"] and t["stack"] and t["kernel"] not in gc.ROW_KERNELS]
 
 
 def write_markdown(path, table, meta):
@@ -109,6 +107,10 @@ def write_markdown(path, table, meta):
     lines += ["", f"**Spills / errors: {len(bad)}**" + ("" if not bad else " — " + "; ".join(
         f"{t['kernel']} {t['variant']} {t['target']} Triton {t['triton']}: "
         + (t['error'][:200] if t['error'] else f"{t['stack']} stack bytes") for t in bad)), ""]
+    other = other_stack(table)
+    lines += [f"Stack bytes in the other kernels (reported, not a failure): {len(other)}" + ("" if not other else " — "
+              + "; ".join(f"{t['kernel']} {t['variant']} {t['target']} Triton {t['triton']}: {t['stack']}"
+                          for t in other)), ""]
     lines += [METHOD, "## Every compiled variant", "",
               "| kernel | variant | target | Triton | warps | BLOCK_V | regs | stack | shared | loop fast/static | per elem | warp-instr/elem | MUFU/elem |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]

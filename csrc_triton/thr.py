@@ -39,10 +39,10 @@ __all__ = ["thr_pair_sums", "row_lse_entropy", "PRECISIONS"]
 PRECISIONS = ("ieee", "tf32")
 
 #: The GPU launch: 64-row tiles of updating and observed rows, 64-wide vocabulary and hidden
-#: tiles, 16 warps and no software pipelining (``num_stages=1``). Compiled with Triton 3.9 for
-#: sm_80/90/100 this holds the two ``64 x 64`` float32 Gram tiles in registers without spilling
-#: (``bench/results/kernels.md``); 4 warps with 3 stages spilled 16-904 bytes of stack per
-#: thread, 8 warps still 168-264 on sm_80.
+#: tiles, 16 warps and no software pipelining (``num_stages=1``). Compiled with Triton 3.9 this
+#: holds the two ``64 x 64`` float32 Gram tiles in registers on sm_90 and sm_100 (0-8 stack
+#: bytes on sm_80; ``bench/results/kernels.md``); 4 warps with 3 stages spilled 16-904 bytes
+#: per thread, 8 warps still 168-264 on sm_80.
 GPU_LAUNCH = dict(block_u=64, block_o=64, block_v=64, block_d=64, num_warps=16, num_stages=1)
 #: Under the CPU interpreter: smaller tiles (speed only; the interpreter ignores warps and stages).
 INTERPRETER_LAUNCH = dict(block_u=32, block_o=32, block_v=128, block_d=64, num_warps=4, num_stages=1)
