@@ -8,6 +8,9 @@ import triton.language as tl
 #: Set ``RANKTUNER_AUTOTUNE=1`` to autotune the block size and warps per vocabulary size.
 AUTOTUNE = os.environ.get("RANKTUNER_AUTOTUNE", "0") == "1"
 
+#: Under Triton's CPU interpreter (decided when the kernels are compiled, like the decorator).
+INTERPRETING = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") == "1")
+
 #: Default vocabulary tile; rows narrower than this use the next power of two.
 BLOCK_V = 2048
 
@@ -38,8 +41,9 @@ def row_offsets(shape, strides):
 def cast_rne(x, dtype: tl.constexpr):
     """``x`` (float32) to ``dtype``, rounding to nearest even. For bfloat16 the rounding is
     done on the bits: Triton's CPU interpreter truncates float32 -> bfloat16 casts, the GPU
-    rounds to nearest; this way both give the same bits (NaN stays NaN, inf stays inf)."""
-    if dtype == tl.bfloat16:
+    rounds to nearest; this way both give the same bits (NaN stays NaN, inf stays inf). On the
+    GPU it is the native conversion (round to nearest even), one instruction per pair."""
+    if dtype == tl.bfloat16 and INTERPRETING:
         bits = x.to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
         rounded = bits.to(tl.float32, bitcast=True)

@@ -7,8 +7,10 @@ element is ``(ga - gy) p_t - gy (1 - p_t) - gc + ...`` with ``1 - p_t = -expm1(l
 confident token keeps its gradient. ``gy``, ``gc``, ``gb`` are optional (``HAS_GY``: ``gy``
 differs from ``ga``; ``HAS_GC``: label smoothing; ``HAS_BETA``: entropy terms). Written in
 the output's dtype; the output may be the logits themselves (``inplace_backward``): each
-element is read before it is overwritten by the same program. Ignored rows get zeros
-without reading the logits.
+element is read before it is overwritten by the same program. Full tiles run without masks
+or a compare with the target; the target's element is stored once after the sweep (behind
+a block barrier, from its logit read before the sweep). Ignored rows get zeros without
+reading the logits.
 """
 
 import triton
@@ -16,6 +18,34 @@ import triton.language as tl
 
 from .config import AUTOTUNE, autotune_configs, cast_rne, fixed_config, row_offsets
 from .fmath import expm1, tanh
+
+
+#: ``log2 e``: ``exp(x) = exp2(x log2 e)`` (the GPU's exponential is a base-2 instruction).
+LOG2E = tl.constexpr(1.4426950408889634)
+
+
+@triton.jit
+def _elem_grad(z, lse2, lse, ga, gb, gc, ent, softcap, inv_temperature,
+               HAS_SOFTCAP: tl.constexpr, HAS_TEMPERATURE: tl.constexpr, HAS_GC: tl.constexpr,
+               HAS_BETA: tl.constexpr):
+    """The non-target elements' ``dz`` of one tile (``lse2 = lse log2 e``)."""
+    zt = z
+    if HAS_SOFTCAP:
+        th = tanh(z / softcap)
+        zt = softcap * th
+    if HAS_TEMPERATURE:
+        zt = zt * inv_temperature
+    p = tl.exp2(zt * LOG2E - lse2)  # exp(z' - lse) with one FMA before the exponential
+    d = ga * p
+    if HAS_BETA:
+        d += gb * tl.where(p > 0, p * (zt - lse + ent), 0.0)
+    if HAS_GC:
+        d = d - gc
+    if HAS_SOFTCAP:
+        d = d * (1.0 - th * th)
+    if HAS_TEMPERATURE:
+        d = d * inv_temperature
+    return d
 
 
 @triton.heuristics({"HAS_GY": lambda args: args["gy_ptr"] is not None,
@@ -34,6 +64,7 @@ def _row_grad_kernel(
     gbase = grad_ptr + (row // T) * gstride_b + (row % T) * gstride_t
     y = tl.load(target_ptr + row)
     keep = y != ignore_index
+    in_row = keep & (y >= 0) & (y < V)
     lse = tl.load(lse_ptr + row)
     logp_t = tl.load(logp_ptr + row)
     ga = tl.load(ga_ptr + row)
@@ -43,34 +74,44 @@ def _row_grad_kernel(
     gc = 0.0
     if HAS_GC:
         gc = tl.load(gc_ptr + row)
+    gb = 0.0
+    ent = 0.0
     p_t = tl.exp(logp_t)
     d_y = (ga - gy) * p_t + gy * expm1(logp_t)  # ga p_t - gy, without cancellation
     if HAS_BETA:
         gb = tl.load(gb_ptr + row)
         ent = tl.load(ent_ptr + row)
         d_y += gb * tl.where(p_t > 0, p_t * (logp_t + ent), 0.0)
-    v_live = tl.where(keep, V, 0)  # ignored rows load nothing, store zeros
-    for start in range(0, V, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        z = tl.load(base + cols, mask=cols < v_live, other=0.0).to(tl.float32)
-        zt = z
-        if HAS_SOFTCAP:
-            t = tanh(z / softcap)
-            zt = softcap * t
-        if HAS_TEMPERATURE:
-            zt = zt * inv_temperature
-        logp = zt - lse
-        p = tl.exp(logp)
-        d = ga * p
-        if HAS_BETA:
-            d += gb * tl.where(p > 0, p * (logp + ent), 0.0)
-        d = tl.where(cols == y, d_y, d) - gc
-        if HAS_SOFTCAP:
-            d = d * (1.0 - t * t)
-        if HAS_TEMPERATURE:
-            d = d * inv_temperature
-        d = tl.where(keep, d, 0.0)
-        tl.store(gbase + cols, cast_rne(d, grad_ptr.dtype.element_ty), mask=cols < V)
+    # the target's element, from its logit read before any store (the output may be the logits)
+    d_y = d_y - gc
+    if HAS_SOFTCAP:
+        z_y = tl.load(base + tl.where(in_row, y, 0)).to(tl.float32)
+        th_y = tanh(z_y / softcap)
+        d_y = d_y * (1.0 - th_y * th_y)
+    if HAS_TEMPERATURE:
+        d_y = d_y * inv_temperature
+    lse2 = lse * LOG2E
+    cols = tl.arange(0, BLOCK_V)
+    out_ty = grad_ptr.dtype.element_ty
+    n_full = (V // BLOCK_V) * BLOCK_V
+    if keep:
+        for start in range(0, n_full, BLOCK_V):  # full tiles: no mask, no compare with the target
+            z = tl.load(base + start + cols).to(tl.float32)
+            d = _elem_grad(z, lse2, lse, ga, gb, gc, ent, softcap, inv_temperature,
+                           HAS_SOFTCAP, HAS_TEMPERATURE, HAS_GC, HAS_BETA)
+            tl.store(gbase + start + cols, cast_rne(d, out_ty))
+        if n_full < V:  # the ragged tail
+            mask = n_full + cols < V
+            z = tl.load(base + n_full + cols, mask=mask, other=0.0).to(tl.float32)
+            d = _elem_grad(z, lse2, lse, ga, gb, gc, ent, softcap, inv_temperature,
+                           HAS_SOFTCAP, HAS_TEMPERATURE, HAS_GC, HAS_BETA)
+            tl.store(gbase + n_full + cols, cast_rne(d, out_ty), mask=mask)
+        if in_row:  # the target's element, once, after every thread's store of its tile
+            tl.debug_barrier()
+            tl.store(gbase + y, cast_rne(d_y, out_ty))
+    else:  # ignored rows: zeros, without reading the logits
+        for start in range(0, V, BLOCK_V):
+            tl.store(gbase + start + cols, tl.zeros([BLOCK_V], out_ty), mask=start + cols < V)
 
 
 _row_grad_autotuned = triton.autotune(

@@ -33,6 +33,55 @@ from .fmath import expm1, log1p, transform
 
 #: ``m - z'_y`` from which ``-log p_t`` is formed directly (mirrors ``reference.row_stats.FAR``).
 FAR = tl.constexpr(30.0)
+#: ``log2 e``: ``exp(x) = exp2(x log2 e)`` (the GPU's exponential is a base-2 instruction).
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
+#: ``(z' - m) log2 e`` is clamped from below here: ``exp2`` of it is 0 in float32 and ``0 * t`` stays
+#: 0 for a ``-inf`` logit (a NaN still propagates).
+FLOOR = tl.constexpr(-1000.0)
+
+
+@triton.jit
+def _tile(base, start, cols, y, zy_raw, v_live, m, u, a, r, zsum, softcap, inv_temperature,
+          MASKED: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_TEMPERATURE: tl.constexpr, HAS_MEAN: tl.constexpr):
+    """One ``BLOCK_V`` tile of the row into the per-lane accumulators ``u, a, r, zsum``
+    (``[BLOCK_V]`` float32 each, relative to the running max ``m``, a scalar; ``a`` in units of
+    ``log2 e``: ``sum e (z' - m) log2 e``; ``r`` counts in float32, exact below 2^24 per lane). ``MASKED``: the ragged
+    tail or the target's tile (columns past ``v_live`` are padding, the target's term is left
+    out of ``u`` and ``a``); otherwise a full tile without the target, with no mask or compare.
+    One block reduction per tile (the max); the lanes are summed once per row by the caller."""
+    if MASKED:
+        idx = start + cols
+        mask = idx < v_live
+        z_raw = tl.load(base + idx, mask=mask, other=float("-inf")).to(tl.float32)
+        r += tl.where((z_raw >= zy_raw) & mask, 1.0, 0.0)
+    else:
+        z_raw = tl.load(base + start + cols).to(tl.float32)
+        r += tl.where(z_raw >= zy_raw, 1.0, 0.0)
+    z = transform(z_raw, softcap, inv_temperature, HAS_SOFTCAP, HAS_TEMPERATURE)
+    if MASKED:
+        if HAS_SOFTCAP:
+            z = tl.where(mask, z, float("-inf"))  # the padding, not c tanh(-inf) = -c
+        if HAS_MEAN:
+            zsum += tl.where(mask, z, 0.0)
+    elif HAS_MEAN:
+        zsum += z
+    m_new = tl.maximum(m, tl.max(z, axis=0))
+    if m_new > m:  # rare once the row's max is seen: rescale the lanes to the new max
+        shift = tl.where(m == float("-inf"), 0.0, (m - m_new) * LOG2E)  # u = a = 0 while m = -inf
+        alpha = tl.exp2(shift)
+        a = (a + shift * u) * alpha
+        u = u * alpha
+        m = m_new
+    # t = (z' - m) log2 e in one FMA; a is accumulated in these units (times ln 2 at the end)
+    m2 = tl.where(m == float("-inf"), 0.0, m) * LOG2E
+    t = tl.maximum(z * LOG2E - m2, FLOOR, propagate_nan=tl.PropagateNan.ALL)
+    e = tl.exp2(t)
+    if MASKED:
+        e = tl.where(start + cols == y, 0.0, e)  # the target's term is added at the end
+    u += e
+    a += e * t
+    return m, u, a, r, zsum
 
 
 @triton.heuristics({"HAS_SCALE": lambda args: args["scale_ptr"] is not None,
@@ -55,37 +104,39 @@ def _row_stats_kernel(
     base = logits_ptr + (row // T) * stride_b + (row % T) * stride_t
     y = tl.load(target_ptr + row)
     keep = y != ignore_index
+    in_row = keep & (y >= 0) & (y < V)
     if PARTIAL:  # a vocabulary shard: the global target logit, all-reduced by the caller
         zy_raw = tl.load(zy_in_ptr + row)
     else:
         # column 0 always exists; an out-of-range target (reported by the caller) reads it too
-        zy_raw = tl.load(base + tl.where(keep & (y >= 0) & (y < V), y, 0)).to(tl.float32)
+        zy_raw = tl.load(base + tl.where(in_row, y, 0)).to(tl.float32)
     zy = transform(zy_raw, softcap, inv_temperature, HAS_SOFTCAP, HAS_TEMPERATURE)
 
+    cols = tl.arange(0, BLOCK_V)
     v_live = tl.where(keep, V, 0)  # ignored rows load nothing
+    n_full = v_live // BLOCK_V  # full tiles
+    t_y = tl.where(in_row, y // BLOCK_V, n_full).to(tl.int32)  # the target's tile (n_full: none is full)
+    has_t_y = (t_y < n_full).to(tl.int32)
     m = float("-inf")  # running max of z'
-    u = 0.0  # sum_{i != y} exp(z'_i - m)
-    a = 0.0  # sum_i exp(z'_i - m) * (z'_i - m)
-    r = 0  # #{z_i >= z_y}
-    zsum = 0.0  # sum_i z'_i (label smoothing)
-    for start in range(0, V, BLOCK_V):
-        cols = start + tl.arange(0, BLOCK_V)
-        mask = cols < v_live
-        z_raw = tl.load(base + cols, mask=mask, other=float("-inf")).to(tl.float32)
-        r += tl.sum(((z_raw >= zy_raw) & mask).to(tl.int32), axis=0)
-        z = transform(z_raw, softcap, inv_temperature, HAS_SOFTCAP, HAS_TEMPERATURE)
-        if HAS_SOFTCAP:
-            z = tl.where(mask, z, float("-inf"))  # the padding, not c tanh(-inf) = -c
-        if HAS_MEAN:
-            zsum += tl.sum(tl.where(mask, z, 0.0), axis=0)
-        m_new = tl.maximum(m, tl.max(z, axis=0))
-        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # no finite logit yet
-        shift = tl.where(m == float("-inf"), 0.0, m - m_ref)  # u = a = 0 while m = -inf
-        alpha = tl.exp(shift)
-        e = tl.where(cols == y, 0.0, tl.exp(z - m_ref))  # the target's term is added at the end
-        a = (a + shift * u) * alpha + tl.sum(tl.where(e > 0, e * (z - m_ref), 0.0), axis=0)
-        u = u * alpha + tl.sum(e, axis=0)
-        m = m_new
+    u = tl.zeros([BLOCK_V], tl.float32)  # per lane: sum_{i != y} exp(z'_i - m)
+    a = tl.zeros([BLOCK_V], tl.float32)  # per lane: sum_{i != y} exp(z'_i - m) * (z'_i - m)
+    r = tl.zeros([BLOCK_V], tl.float32)  # per lane: #{z_i >= z_y}
+    zsum = tl.zeros([BLOCK_V], tl.float32)  # per lane: sum_i z'_i (label smoothing)
+    # the full tiles but the target's, mask-free
+    for k in range(0, n_full - has_t_y):
+        start = (k + (k >= t_y).to(tl.int32)) * BLOCK_V
+        m, u, a, r, zsum = _tile(base, start, cols, y, zy_raw, v_live, m, u, a, r, zsum, softcap, inv_temperature,
+                                 False, HAS_SOFTCAP, HAS_TEMPERATURE, HAS_MEAN)
+    if has_t_y > 0:  # the target's tile, once
+        m, u, a, r, zsum = _tile(base, t_y * BLOCK_V, cols, y, zy_raw, v_live, m, u, a, r, zsum, softcap,
+                                 inv_temperature, True, HAS_SOFTCAP, HAS_TEMPERATURE, HAS_MEAN)
+    if n_full * BLOCK_V < v_live:  # the ragged tail
+        m, u, a, r, zsum = _tile(base, n_full * BLOCK_V, cols, y, zy_raw, v_live, m, u, a, r, zsum, softcap,
+                                 inv_temperature, True, HAS_SOFTCAP, HAS_TEMPERATURE, HAS_MEAN)
+    u = tl.sum(u, axis=0)
+    a = tl.sum(a, axis=0) * LN2
+    r = tl.sum(r.to(tl.int32), axis=0)
+    zsum = tl.sum(zsum, axis=0)
 
     if PARTIAL:  # the raw accumulators, merged across shards by the caller
         tl.store(max_ptr + row, tl.where(keep, m, 0.0))

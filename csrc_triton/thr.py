@@ -38,6 +38,15 @@ __all__ = ["thr_pair_sums", "row_lse_entropy", "PRECISIONS"]
 
 PRECISIONS = ("ieee", "tf32")
 
+#: The GPU launch: 64-row tiles of updating and observed rows, 64-wide vocabulary and hidden
+#: tiles, 16 warps and no software pipelining (``num_stages=1``). Compiled with Triton 3.9 this
+#: holds the two ``64 x 64`` float32 Gram tiles in registers on sm_90 and sm_100 (0-8 stack
+#: bytes on sm_80; ``bench/results/kernels.md``); 4 warps with 3 stages spilled 16-904 bytes
+#: per thread, 8 warps still 168-264 on sm_80.
+GPU_LAUNCH = dict(block_u=64, block_o=64, block_v=64, block_d=64, num_warps=16, num_stages=1)
+#: Under the CPU interpreter: smaller tiles (speed only; the interpreter ignores warps and stages).
+INTERPRETER_LAUNCH = dict(block_u=32, block_o=32, block_v=128, block_d=64, num_warps=4, num_stages=1)
+
 
 def _interpreting() -> bool:
     import os
@@ -192,11 +201,11 @@ def thr_pair_sums(logits, tokens, u_rows, u_group, o_rows, o_group, o_weight, hi
     o_sorted = o_rows[o_order].contiguous()
     w_sorted = o_weight.to(dev, torch.float32)[o_order].contiguous()
 
-    interp = _interpreting()
-    bu = block_u or (32 if interp else 64)
-    bo = block_o or (32 if interp else 64)
-    bv = block_v or (128 if interp else 64)
-    bd = block_d or (64 if interp else 64)
+    launch = INTERPRETER_LAUNCH if _interpreting() else GPU_LAUNCH
+    bu = block_u or launch["block_u"]
+    bo = block_o or launch["block_o"]
+    bv = block_v or launch["block_v"]
+    bd = block_d or launch["block_d"]
     table = _blocks(u_group, o_group, bu)
     out_sorted = torch.zeros_like(out)
     if hidden is not None:
@@ -209,7 +218,8 @@ def thr_pair_sums(logits, tokens, u_rows, u_group, o_rows, o_group, o_weight, hi
         logits, t, sb, st, v, lse, tok, hid, shn, shd, d,
         u_sorted, o_sorted, w_sorted, table, out_sorted,
         BLOCK_U=bu, BLOCK_O=bo, BLOCK_V=bv, BLOCK_D=bd,
-        HAS_HIDDEN=hidden is not None, PRECISION=precision, num_warps=4,
+        HAS_HIDDEN=hidden is not None, PRECISION=precision,
+        num_warps=launch["num_warps"], num_stages=launch["num_stages"],
     )
     out[u_order] = out_sorted
     return out

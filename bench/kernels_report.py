@@ -1,0 +1,172 @@
+"""What the kernels compile to on the GPUs people use, measured on a CPU machine.
+
+    python -m bench.kernels_report                       # this Triton; writes bench/results/kernels.md
+    python -m bench.kernels_report --python /path/to/other/venv/bin/python   # add another Triton
+    python -m bench.kernels_report --all                 # every recorded variant, not one per formula
+
+The launches come from the library's own call paths (``bench.gpu_compile``); each is compiled
+for sm_80, sm_90, sm_100 and gfx942 with each Triton given. The table: per kernel variant and
+target, registers, stack (spill) bytes, shared memory and, for the row kernels on NVIDIA
+targets, the streaming loop's instructions per element (per thread and per warp) and MUFU
+per element, counted in the SASS (method in the written file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+from . import gpu_compile as gc
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, "results")
+ELEM_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+METHOD = """\
+## How the loop is counted
+
+Each launch is compiled with `JITFunction.warmup` under a Triton driver that only reports the
+target (`bench/gpu_compile.py`); no GPU is involved. Registers, stack and local bytes come
+from `cuobjdump -res-usage` on the cubin (for gfx942: `.vgpr_count` and
+`.private_segment_fixed_size` of the AMDGPU kernel descriptor); shared memory from the
+compiled kernel's metadata. The loops are read off `nvdisasm -c` (the tools shipped in the
+Triton wheel): every backward `BRA` closes a loop running from its target label to the
+branch. The streaming loop is the loop with the most global-load bytes. Its instructions are
+counted on the **fast path**: the shortest path from the loop head to the back-edge, so that
+a forward branch skipping a rarely run block is not charged (in `_row_stats_kernel` the
+lanes' rescale when the running max grows, which a row takes a handful of times; `static`
+is the whole loop). `NOP`s are not counted. Elements per thread and iteration = the loop's
+global-load bytes per thread / the logits' element size (ptxas unrolls the gradient loop 4×,
+so one iteration is not one tile). *Per element* = fast-path instructions / elements per
+thread; *warp-instr/elem* = that / 32 (a warp issues one instruction for 32 threads), the
+figure to set against the issue rate: an H100 SXM issues at most ~132 SMs × 4 × 1.98 GHz ≈
+1.05e12 warp-instructions/s, so a loop at *x* warp-instructions per element cannot stream
+bf16 logits faster than 2.1e12 / *x* bytes/s at full issue efficiency (at 0.45: 4.6 TB/s).
+"""
+
+
+def _record(all_variants: bool, python=None):
+    variants, launches = gc.record_in_subprocess(python)
+    return variants, (variants if all_variants else gc.distinct_kernels(variants)), launches
+
+
+def _fmt(x, nd=3):
+    return "" if x is None else (f"{x:.{nd}f}" if isinstance(x, float) else str(x))
+
+
+def summarize(rows, variants):
+    """Table rows (dicts) from compile rows."""
+    out = []
+    for r in rows:
+        v = variants[r["variant"]] if "variant" in r else None
+        dtype = v["args"][0][1] if v else ""
+        item = {"kernel": r["name"], "variant": gc.describe(v) if v else "", "target": r["target"],
+                "triton": r.get("triton", ""), "error": r.get("error")}
+        if not r.get("error"):
+            item.update(registers=r["registers"], stack=r["stack"], shared=r["shared"], warps=r["num_warps"],
+                        block_v=r["constexprs"].get("BLOCK_V"))
+            lp = gc.main_loop(r, ELEM_BYTES.get(dtype, 4)) if r["name"] in gc.ROW_KERNELS else None
+            if lp:
+                item.update(loop_static=lp["static"], loop_fast=lp["fast"], per_elem=lp["per_elem"],
+                            warp_per_elem=lp["warp_per_elem"], mufu_per_elem=lp["mufu_per_elem"])
+        out.append(item)
+    return out
+
+
+def spills(table):
+    """Rows breaking the rule: a compile error, or stack bytes in a row kernel (any target)."""
+    return [t for t in table if t["error"] or (t["stack"] and t["kernel"] in gc.ROW_KERNELS)]
+
+
+def other_stack(table):
+    """Kernels besides the row kernels with stack bytes (reported, not a failure: THR)."""
+    return [t for t in table if not t["error"] and t["stack"] and t["kernel"] not in gc.ROW_KERNELS]
+
+
+def write_markdown(path, table, meta):
+    lines = ["# Kernels compiled for GPUs (no GPU involved)", "",
+             f"Written by `python -m bench.kernels_report` on {meta['date']} at commit {meta['commit']}: "
+             f"{meta['launches']} launches recorded from the library's call paths, {meta['recorded']} distinct, "
+             f"{meta['compiled']} compiled per target ({meta['scope']}); Triton {', '.join(meta['tritons'])}; "
+             f"targets {', '.join(gc.TARGETS)}.", ""]
+    head = [t for t in table if t["kernel"] in ("_row_stats_kernel", "_row_grad_kernel") and t["target"] == "sm_90"
+            and t["variant"].split()[0] == "bfloat16" and not t.get("error")]
+    lines += ["## Headline: the streaming loops, bf16 logits, sm_90", "",
+              "| kernel | variant | Triton | regs | stack | loop instr (fast / static) | per element | warp-instr/elem | MUFU/elem |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for t in sorted(head, key=lambda t: (t["kernel"], t["variant"], t["triton"])):
+        if "per_elem" in t:
+            lines.append(f"| {t['kernel']} | {t['variant']} | {t['triton']} | {t['registers']} | {t['stack']} | "
+                         f"{t['loop_fast']} / {t['loop_static']} | {_fmt(t['per_elem'], 2)} | "
+                         f"{_fmt(t['warp_per_elem'])} | {_fmt(t['mufu_per_elem'], 2)} |")
+    bad = spills(table)
+    lines += ["", f"**Spills / errors: {len(bad)}**" + ("" if not bad else " — " + "; ".join(
+        f"{t['kernel']} {t['variant']} {t['target']} Triton {t['triton']}: "
+        + (t['error'][:200] if t['error'] else f"{t['stack']} stack bytes") for t in bad)), ""]
+    other = other_stack(table)
+    lines += [f"Stack bytes in the other kernels (reported, not a failure): {len(other)}" + ("" if not other else " — "
+              + "; ".join(f"{t['kernel']} {t['variant']} {t['target']} Triton {t['triton']}: {t['stack']}"
+                          for t in other)), ""]
+    lines += [METHOD, "## Every compiled variant", "",
+              "| kernel | variant | target | Triton | warps | BLOCK_V | regs | stack | shared | loop fast/static | per elem | warp-instr/elem | MUFU/elem |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for t in sorted(table, key=lambda t: (t["kernel"], t["variant"], t["target"], t["triton"])):
+        if t["error"]:
+            lines.append(f"| {t['kernel']} | {t['variant']} | {t['target']} | {t['triton']} | error: {t['error'][:120]} |")
+            continue
+        loop = f"{t['loop_fast']}/{t['loop_static']}" if "loop_fast" in t else ""
+        lines.append(f"| {t['kernel']} | {t['variant']} | {t['target']} | {t['triton']} | {t['warps']} | "
+                     f"{_fmt(t['block_v'])} | {t['registers']} | {t['stack']} | {t['shared']} | {loop} | "
+                     f"{_fmt(t.get('per_elem'), 2)} | {_fmt(t.get('warp_per_elem'))} | {_fmt(t.get('mufu_per_elem'), 2)} |")
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--python", action="append", default=[],
+                    help="another interpreter (another Triton) to compile with, besides this one")
+    ap.add_argument("--all", action="store_true", help="every recorded variant (default: one per formula set)")
+    ap.add_argument("--targets", default=",".join(gc.TARGETS))
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--record-with", default=None,
+                    help="the interpreter that records the launches (default: this one; the launches do not "
+                         "depend on the Triton version)")
+    ap.add_argument("--out", default=os.path.join(RESULTS, "kernels.md"))
+    args = ap.parse_args(argv)
+    why = gc.backends_available()
+    if why:
+        print(f"skipped: {why}")
+        return 0
+    t0 = time.time()
+    recorded, variants, launches = _record(args.all, args.record_with)
+    print(f"recorded {launches} launches, {len(recorded)} distinct; compiling {len(variants)} per target", flush=True)
+    table, tritons = [], []
+    for py in [sys.executable] + args.python:
+        version = gc.triton_version(py)
+        tritons.append(version)
+        rows = gc.compile_variants(variants, targets=tuple(args.targets.split(",")), jobs=args.jobs, python=py)
+        for r in rows:
+            r["triton"] = version
+        table += summarize(rows, variants)
+        print(f"Triton {version}: {len(rows)} compiles, {time.time() - t0:.0f} s", flush=True)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=os.path.dirname(HERE)).stdout.strip()
+    meta = dict(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), commit=commit, launches=launches,
+                recorded=len(recorded), compiled=len(variants), tritons=tritons,
+                scope="every variant" if args.all else "one per kernel, dtype and switch set; formulas aside")
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    write_markdown(args.out, table, meta)
+    with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
+        json.dump({"meta": meta, "rows": table}, f, indent=1)
+    bad = spills(table)
+    print(f"wrote {args.out}; {len(bad)} spills/errors")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
