@@ -209,27 +209,3 @@ def overlaps(t: torch.Tensor, max_enumerated: int = 1 << 22) -> bool:
             return True
         span = int(offsets.max())
     return False
-    dims = sorted((st, n) for n, st in zip(t.shape, t.stride()) if n > 1)
-    span = 0  # the largest offset reached by the dimensions so far
-    offsets = None  # their enumerated offsets, once a stride fell inside the span
-    for stride, size in dims:
-        if stride == 0:
-            return True
-        if offsets is None and stride > span:
-            span += stride * (size - 1)
-            continue
-        if offsets is None:
-            offsets = torch.zeros(1, dtype=torch.int64)
-            for st, n in dims:
-                if st >= stride and (st, n) != (stride, size):
-                    continue
-                if (st, n) == (stride, size):
-                    break
-                offsets = (offsets[:, None] + st * torch.arange(n)).reshape(-1)
-        if offsets.numel() * size > max_enumerated:
-            return True
-        offsets = (offsets[:, None] + stride * torch.arange(size)).reshape(-1)
-        if torch.unique(offsets).numel() != offsets.numel():
-            return True
-        span = int(offsets.max())
-    return False

@@ -14,6 +14,15 @@ if not torch.cuda.is_available():
 
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module's tests on one CPU thread (tiny models: threads cost more than they give)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

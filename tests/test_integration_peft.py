@@ -22,12 +22,7 @@ CONFIG = dict(vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_lay
 LORA_CLASS = "peft.tuners.lora.layer.Linear"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run faster on one thread
 
 
 def make_peft(tied=False, checkpointing=False, **lora):
