@@ -45,16 +45,16 @@ def test_each_policy_by_its_bf16_error(impl):
 def test_each_policy_by_the_memory_it_holds(monkeypatch, policy, dw_dtype):
     """The weight-gradient buffer each policy keeps through the backward sweep: ``2 V D`` bytes
     for compact (the default for 16-bit weights), ``4 V D`` for accurate."""
-    from ranktuner_kernels import linear_loss
+    from ranktuner_kernels import _chunks
 
     held = []
-    real = linear_loss._Grads.__init__
+    real = _chunks.Grads.__init__
 
     def spy(self, *args, **kw):
         real(self, *args, **kw)
         held.append(self.dw)
 
-    monkeypatch.setattr(linear_loss._Grads, "__init__", spy)
+    monkeypatch.setattr(_chunks.Grads, "__init__", spy)
     h, w, _, target = make_head((16,), 8, 40, torch.bfloat16, False)
     hh, ww = (t.detach().requires_grad_() for t in (h, w))
     rk.linear_cross_entropy(hh, ww, target, acc_policy=policy, chunk_size=4).backward()
