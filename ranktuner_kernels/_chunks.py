@@ -77,8 +77,19 @@ def mm_into(acc, a, b, accumulate: bool) -> None:
 
 def needs_grads(ctx, bias, grad_enabled=True):
     """Which of ``(dh, dW, db)`` to form (``ctx.needs_input_grad`` ignores ``torch.no_grad()``)."""
-    h_g, w_g, b_g = (grad_enabled and x for x in ctx.needs_input_grad[:3])
+    return wanted_grads(ctx.needs_input_grad[:3], bias, grad_enabled)
+
+
+def wanted_grads(needs_input_grad, bias, grad_enabled=True):
+    """:func:`needs_grads` from the flags ``(h, weight, bias)`` themselves."""
+    h_g, w_g, b_g = (grad_enabled and bool(x) for x in needs_input_grad[:3])
     return h_g, w_g, bias is not None and b_g
+
+
+def one_sweep(params, needs) -> bool:
+    """Whether the fused path forms its gradients in the forward sweep (for an upstream
+    gradient of 1): a row-local weighting, a reduced loss, and some gradient wanted."""
+    return not params.weighting.batch_level and params.reduction != "none" and any(needs)
 
 
 def chunk_logits(h_c, weight, bias):

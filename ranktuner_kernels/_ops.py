@@ -38,6 +38,7 @@ import torch
 from torch import Tensor
 
 from . import _inputs
+from ._chunks import one_sweep, wanted_grads
 from ._dispatch import Backend
 from ._params import LossParams
 from .reference import Transform, compute_dtype
@@ -164,6 +165,23 @@ def _check_range(params: LossParams, target: Tensor, v_size: int, norm: Optional
 # outputs: loss, w, z_loss, lse, logp_t, target_logit, max_logit, entropy, rank, logit_mean, beta
 
 
+def _loss_outputs(params, loss, w, zl, stats, beta) -> list:
+    """The fixed output list of the loss ops: ``loss, w, z_loss, lse, logp_t, target_logit,
+    max_logit, entropy, rank, logit_mean, beta``, an empty tensor for an absent one."""
+    has_zl, has_mean, has_beta = _token_flags(params)
+    return [loss, w, zl if has_zl else _empty(w), *stats[:6], stats[6] if has_mean else _empty(w),
+            beta if has_beta else _empty(w)]
+
+
+def _fake_loss_outputs(params, n: int, like: Tensor, shape) -> list:
+    """:func:`_loss_outputs`' shapes and dtypes for ``n`` tokens (``like``: the input)."""
+    has_zl, has_mean, has_beta = _token_flags(params)
+    vec = like.new_empty((n,), dtype=compute_dtype(like.dtype))
+    loss = like.new_empty(tuple(shape) if params.reduction == "none" else (), dtype=vec.dtype)
+    opt = [vec.new_empty(n if has else 0) for has in (has_zl, has_mean, has_beta)]
+    return [loss, vec, opt[0], *_fake_stats(vec), opt[1], opt[2]]
+
+
 def _fake_stats(vec):
     """``lse, logp_t, target_logit, max_logit, entropy`` like ``vec`` and an int64 ``rank``."""
     return [*(torch.empty_like(vec) for _ in range(5)), torch.empty_like(vec, dtype=torch.int64)]
@@ -184,22 +202,13 @@ def token_loss_op(logits: Tensor, target: Tensor, scale: Optional[Tensor], norm:
     loss, w, zl, *stats = FUNCTIONS["token_loss"].forward(ctx, logits, target, scale, norm, params)
     if params.backend.name != "reference":
         _check_range(params, target, logits.shape[-1], norm)
-    beta = ctx.saved_tensors[7]
-    has_zl, has_mean, has_beta = _token_flags(params)
-    outs = [loss, w, zl if has_zl else _empty(w), *stats[:6], stats[6] if has_mean else _empty(w),
-            beta if has_beta else _empty(w)]
+    outs = _loss_outputs(params, loss, w, zl, stats, ctx.saved_tensors[7])
     return _fresh(outs, (logits, target, scale, norm))
 
 
 @token_loss_op.register_fake
 def _(logits, target, scale, norm, shape, key):
-    params = params_of(key, (), 0)
-    n, acc = target.shape[0], compute_dtype(logits.dtype)
-    has_zl, has_mean, has_beta = _token_flags(params)
-    vec = logits.new_empty((n,), dtype=acc)
-    loss = logits.new_empty(tuple(shape) if params.reduction == "none" else (), dtype=acc)
-    opt = [vec.new_empty(n if has else 0) for has in (has_zl, has_mean, has_beta)]
-    return [loss, vec, opt[0], *_fake_stats(vec), opt[1], opt[2]]
+    return _fake_loss_outputs(params_of(key, (), 0), target.shape[0], logits, shape)
 
 
 @torch.library.custom_op(f"{NS}::token_loss_backward", mutates_args=())
@@ -253,14 +262,9 @@ def token_loss(logits, target, scale, norm, params: LossParams):
 #          and the gradients formed in forward (one sweep): dh, dW, db
 
 
-def _one_sweep(params, needs) -> bool:
-    return not params.weighting.batch_level and params.reduction != "none" and any(needs)
-
-
 def _linear_needs(params, needs, bias):
-    """``(dh, dW, db)`` wanted, as ``linear_loss._needs_grads`` decides them."""
-    h_g, w_g, b_g = (params.grad_enabled and bool(x) for x in needs)
-    return h_g, w_g, bias is not None and b_g
+    """``(dh, dW, db)`` wanted, as the Functions decide them (``_chunks.needs_grads``)."""
+    return wanted_grads(needs, bias, params.grad_enabled)
 
 
 @torch.library.custom_op(f"{NS}::linear_loss", mutates_args=())
@@ -272,30 +276,24 @@ def linear_loss_op(h: Tensor, weight: Tensor, bias: Optional[Tensor], target: Te
     loss, w, zl, *stats = FUNCTIONS["linear_loss"].forward(ctx, h, weight, bias, target, scale, norm, params)
     saved = ctx.saved_tensors
     beta, stored = saved[9], saved[11:]
-    has_zl, has_mean, has_beta = _token_flags(params)
     want = _linear_needs(params, needs, bias)
-    if not _one_sweep(params, needs):
+    if not one_sweep(params, needs):
         stored = (None, None, None)
     likes = (h, weight, bias if bias is not None else w)
     grads = [t if (ok and t is not None) else _empty(like) for t, ok, like in zip(stored, want, likes)]
-    outs = [loss, w, zl if has_zl else _empty(w), *stats[:6], stats[6] if has_mean else _empty(w),
-            beta if has_beta else _empty(w), *grads]
+    outs = [*_loss_outputs(params, loss, w, zl, stats, beta), *grads]
     return _fresh(outs, (h, weight, bias, target, scale, norm))
 
 
 @linear_loss_op.register_fake
 def _(h, weight, bias, target, scale, norm, shape, rows, needs, key):
     params = params_of(key, (), 0)
-    n, acc = target.shape[0], compute_dtype(h.dtype)
-    has_zl, has_mean, has_beta = _token_flags(params)
-    vec = h.new_empty((n,), dtype=acc)
-    loss = h.new_empty(tuple(shape) if params.reduction == "none" else (), dtype=acc)
-    opt = [vec.new_empty(n if has else 0) for has in (has_zl, has_mean, has_beta)]
-    sweep = _one_sweep(params, needs)
+    outs = _fake_loss_outputs(params, target.shape[0], h, shape)
+    sweep = one_sweep(params, needs)
     want = _linear_needs(params, needs, bias)
     grads = [torch.empty_like(like) if sweep and ok else like.new_empty(0)
-             for ok, like in zip(want, (h, weight, bias if bias is not None else vec))]
-    return [loss, vec, opt[0], *_fake_stats(vec), opt[1], opt[2], *grads]
+             for ok, like in zip(want, (h, weight, bias if bias is not None else outs[1]))]
+    return [*outs, *grads]
 
 
 @torch.library.custom_op(f"{NS}::linear_loss_backward", mutates_args=())
@@ -305,7 +303,7 @@ def linear_loss_backward_op(grad: Tensor, h: Tensor, weight: Tensor, bias: Optio
                             shape: List[int], rows: int, needs: List[bool], key: str) -> List[Tensor]:
     params = params_of(key, shape, rows)
     want = _linear_needs(params, needs, bias)
-    sweep = _one_sweep(params, needs)
+    sweep = one_sweep(params, needs)
     stored = tuple(t if ok else None for t, ok in zip((dh, dw, db), want)) if sweep else ()
     ctx = _Ctx(needs_input_grad=(*needs, False, False, False, False), params=params, one_sweep=sweep,
                saved_tensors=(h, weight, bias, target, lse, logp_t, entropy, logit_mean, w, beta, norm, *stored))

@@ -45,7 +45,7 @@ from __future__ import annotations
 import torch
 
 from . import _call, _inputs, _ops, _terms
-from ._chunks import ACC_POLICIES, CHUNK_BYTES, Grads, chunk_logits, gradient_sweep, needs_grads
+from ._chunks import ACC_POLICIES, CHUNK_BYTES, Grads, chunk_logits, gradient_sweep, needs_grads, one_sweep
 from ._params import LossParams
 from .reference import RowStats, compute_dtype
 from .weightings import Terms
@@ -76,8 +76,8 @@ class LinearTokenLossFunction(torch.autograd.Function):
                              torch.zeros(n, dtype=torch.int64, device=h.device),
                              torch.zeros(n, dtype=acc, device=h.device) if with_mean else None)
         needs = needs_grads(ctx, bias, params.grad_enabled)
-        one_sweep = not weighting.batch_level and params.reduction != "none" and any(needs)
-        grads = Grads(h, weight, bias, needs, params.acc_policy, params.backend.dh_f32(params)) if one_sweep else None
+        sweep = one_sweep(params, needs)
+        grads = Grads(h, weight, bias, needs, params.acc_policy, params.backend.dh_f32(params)) if sweep else None
         g1 = _terms.upstream(torch.ones((), device=h.device), params.reduction, norm, n, acc)
         parts = {"value": [], "w": [], "beta": [], "z_loss": []}
         for start in range(0, n, params.rows):
@@ -94,7 +94,7 @@ class LinearTokenLossFunction(torch.autograd.Function):
             for buf, s in zip(stat_bufs, stats):
                 if buf is not None:
                     buf[sl] = s
-            if one_sweep:
+            if sweep:
                 coefs = _terms.grad_coefs(params, stats, keep_c, terms, g1[sl], v_size)
                 params.backend.row_grad(logits, t_c, stats, coefs, params, out=logits)
                 grads.add_chunk(start, logits[0], h_c, weight)
@@ -112,9 +112,9 @@ class LinearTokenLossFunction(torch.autograd.Function):
             terms = Terms(joined["value"], joined["w"], joined["beta"])
             value, z_loss = joined["value"], joined["z_loss"]
         loss = _terms.reduce(value, params.reduction, norm, params.shape)
-        ctx.params, ctx.one_sweep = params, one_sweep
+        ctx.params, ctx.one_sweep = params, sweep
         ctx.save_for_backward(h, weight, bias, target, stats.lse, stats.logp_t, stats.entropy, stats.logit_mean,
-                              terms.w, terms.beta, norm, *(grads.final(weight, bias) if one_sweep else ()))
+                              terms.w, terms.beta, norm, *(grads.final(weight, bias) if sweep else ()))
         extras = (terms.w, z_loss, *stats)
         ctx.mark_non_differentiable(*(t for t in extras if t is not None))
         return (loss, *extras)
