@@ -119,7 +119,6 @@ class Backend:
         return self.kernels.row_stats(logits, target, params.ignore_index, *params.transform, with_mean,
                                       partial_target_logit=target_logit)
 
-
     @staticmethod
     def _thr_kernels():
         from .kernels import thr

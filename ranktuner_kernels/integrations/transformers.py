@@ -66,18 +66,16 @@ _RESERVED_LOGITS = {"input", "target", "weighting", "reduction", "ignore_index",
 
 
 def _weighting_name(weighting) -> str:
-    """``"ranktuner"`` for ``"ranktuner"`` or ``rk.RankTuner(...)``."""
-    if isinstance(weighting, str):
-        return weighting
-    return str(getattr(weighting, "name", type(weighting).__name__))
+    """``"ranktuner"`` for ``"ranktuner"`` or ``rk.RankTuner(...)`` (the registry's name)."""
+    return rk.weightings.resolve(weighting).name
 
 
 def _check_weighting(weighting) -> None:
     """Raise the core's ValueError/TypeError for an unknown weighting now, not at the first
-    training step (a one-token probe on the CPU reference)."""
+    training step (the registry resolves the name; a config validated its options when made)."""
     if weighting is None:
         raise TypeError("weighting: expected a name such as 'ranktuner' or a config such as rk.RankTuner(), got None")
-    rk.cross_entropy(torch.zeros(1, 1, 2), torch.zeros(1, 1, dtype=torch.long), weighting=weighting, impl="reference")
+    rk.weightings.resolve(weighting)
 
 
 def _check_options(options: dict, fn, reserved: set, fn_name: str) -> None:
