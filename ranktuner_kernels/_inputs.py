@@ -17,32 +17,30 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 EAGER_ARGS = ("process_group", "dp_group", "inplace_backward")
 
 
-def eager(fn):
-    """Run ``fn`` eagerly inside ``torch.compile``d code (a graph break at the call), like
-    ``torch.compiler.disable``; an eager call is a plain call, and never imports
-    ``torch._dynamo`` (several seconds)."""
+def _eager_under_compile(fn, must_be_eager):
+    """``fn``, run eagerly inside ``torch.compile``d code (a graph break at the call, as
+    ``torch.compiler.disable``) when ``must_be_eager(kwargs)``; an eager call is a plain call and
+    never imports ``torch._dynamo`` (several seconds)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() and must_be_eager(kwargs):
             return torch.compiler.disable(fn)(*args, **kwargs)  # dynamo is imported by now
         return fn(*args, **kwargs)
 
     return wrapper
+
+
+def eager(fn):
+    """Run ``fn`` eagerly inside ``torch.compile``d code (:func:`_eager_under_compile`)."""
+    return _eager_under_compile(fn, lambda kwargs: True)
 
 
 def compilable(fn):
     """Let ``torch.compile`` trace ``fn`` (its autograd Function becomes a custom op, ``_ops``),
     except for calls with a process group or ``inplace_backward=True`` (:data:`EAGER_ARGS`,
-    keyword arguments), which run eagerly as with :func:`eager`. An eager call is a plain call."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        if torch.compiler.is_compiling() and any(kwargs.get(k) not in (None, False) for k in EAGER_ARGS):
-            return torch.compiler.disable(fn)(*args, **kwargs)  # dynamo is imported by now
-        return fn(*args, **kwargs)
-
-    return wrapper
+    keyword arguments), which run eagerly as with :func:`eager`."""
+    return _eager_under_compile(fn, lambda kwargs: any(kwargs.get(k) not in (None, False) for k in EAGER_ARGS))
 
 
 def check_float(name: str, t, dims=None) -> None:
