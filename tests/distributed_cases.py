@@ -471,4 +471,107 @@ def hf_suite(world):
            lambda: check_patched_fsdp2(world, "layers+head+root", "ranktuner"))
 
 
-SUITES = {"tp2": tp_suite, "tp4": tp4_suite, "hf2": hf_suite}
+# -- transformers integration: patch_model under DeepSpeed ZeRO-3 ------------------------------
+
+
+def _deepspeed():
+    """DeepSpeed on the CPU over the gloo group already up. Its CPU accelerator JIT-compiles a
+    shared-memory all-reduce (a C++ build of minutes) that only its inference all-reduce uses;
+    skipped here, ZeRO-3 goes through torch.distributed."""
+    import sys
+
+    os.environ["DS_ACCELERATOR"] = "cpu"
+    rank, world = dist.get_rank(), dist.get_world_size()
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world))
+    import deepspeed
+
+    sys.modules["deepspeed.comm.torch"].build_shm_op = lambda: None
+    return deepspeed
+
+
+ZERO3 = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
+         # every parameter partitioned, the head's included (the default keeps small ones whole)
+         "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0},
+         "optimizer": {"type": "SGD", "params": {"lr": 0.0}}, "zero_allow_untested_optimizer": True}
+
+
+def check_patched_zero3(world, layout, weighting="sft"):
+    """``patch_model`` on a tiny Llama under DeepSpeed ZeRO-3 (``deepspeed.initialize`` with
+    every parameter partitioned over the ranks): each rank's loss against the unpatched model on
+    that rank's batch, and every parameter's full gradient (``safe_get_full_grad``: ZeRO averages
+    it over the ranks) against the mean of the unpatched gradients. ``layout``: ``"untied"``,
+    ``"tied"``, or ``"from_pretrained"`` (loaded under ``HfDeepSpeedConfig``, so the
+    parameters are partitioned from construction by ``deepspeed.zero.Init``). ``"talr"``
+    (a batch-level weighting) reads the head's weight again in backward."""
+    import tempfile
+
+    import transformers
+    from transformers.integrations import HfDeepSpeedConfig
+
+    from ranktuner_kernels.integrations.transformers import patch_model
+
+    deepspeed = _deepspeed()
+    from deepspeed.utils import safe_get_full_grad
+
+    rank = dist.get_rank()
+    batches = _hf_batches(world)
+    tied = layout == "tied"
+    ref = _lora(_hf_model(tied)) if layout == "lora" else _hf_model(tied)
+    losses, grads = [], {}
+    for ids, labels in batches:
+        ref.zero_grad(set_to_none=True)
+        loss = ref(input_ids=ids, labels=labels).loss
+        if weighting != "sft":  # the objective on the unpatched model's logits
+            logits = ref(input_ids=ids).logits
+            loss = rk.cross_entropy(logits[:, :-1], labels[:, 1:], weighting=weighting, impl="reference")
+        loss.backward()
+        losses.append(loss.detach())
+        for k, p in ref.named_parameters():
+            if p.requires_grad:
+                grads[k] = grads.get(k, 0) + p.grad / world
+    if layout == "from_pretrained":
+        path = os.path.join(tempfile.gettempdir(), f"rk-zero3-{os.getppid()}")  # the ranks share a parent
+        if rank == 0:
+            ref.save_pretrained(path)
+        dist.barrier()
+        keep = HfDeepSpeedConfig(ZERO3)  # noqa: F841 (from_pretrained reads it while it lives)
+        model = transformers.AutoModelForCausalLM.from_pretrained(path)
+        assert hasattr(model.lm_head.weight, "ds_id") and model.lm_head.weight.numel() == 0
+    else:
+        model = _lora(_hf_model(tied)) if layout == "lora" else _hf_model(tied)
+    patch_model(model, weighting=weighting)
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+                                      config=ZERO3)
+    assert all(p.numel() == 0 for p in model.get_output_embeddings().parameters())  # partitioned outside the forward
+    ids, labels = batches[rank]
+    out = engine(input_ids=ids, labels=labels)
+    torch.testing.assert_close(out.loss.detach(), losses[rank], rtol=1e-5, atol=1e-6)
+    engine.backward(out.loss)
+    assert sorted(k for k, p in model.named_parameters() if p.requires_grad) == sorted(grads)
+    for k, p in model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(safe_get_full_grad(p), grads[k], rtol=1e-4, atol=1e-6,
+                                       msg=lambda m: f"zero3 {layout} {weighting} {k}: {m}")
+
+
+def _lora(model):
+    """LoRA on q/v and on the LM head (B != 0 at init, so the head's adapter shows in the loss;
+    no dropout, whose draws ``tests/test_integration_peft.py`` matches)."""
+    import peft
+
+    torch.manual_seed(1)
+    return peft.get_peft_model(model, peft.LoraConfig(task_type="CAUSAL_LM", r=4, lora_alpha=8, lora_dropout=0.0,
+                                                      init_lora_weights=False,
+                                                      target_modules=["q_proj", "v_proj", "lm_head"]))
+
+
+def zero3_suite(world):
+    yield ("patched-zero3-untied", lambda: check_patched_zero3(world, "untied"))
+    yield ("patched-zero3-tied", lambda: check_patched_zero3(world, "tied"))
+    yield ("patched-zero3-talr", lambda: check_patched_zero3(world, "untied", "talr"))
+    yield ("patched-zero3-ranktuner", lambda: check_patched_zero3(world, "untied", "ranktuner"))
+    yield ("patched-zero3-from_pretrained", lambda: check_patched_zero3(world, "from_pretrained"))
+    yield ("patched-zero3-lora-head", lambda: check_patched_zero3(world, "lora"))
+
+
+SUITES = {"tp2": tp_suite, "tp4": tp4_suite, "hf2": hf_suite, "zero3": zero3_suite}
