@@ -53,6 +53,7 @@ def _entry(rank, suite, world, port, out_dir):
     # before the first loss imports the kernels; importing the package does not)
     os.environ["TRITON_INTERPRET"] = "1"
     torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))  # for libraries that read the group's address
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=120))
     report = {"rank": rank, "cases": 0, "failures": [], "seconds": 0.0, "slowest": []}
@@ -565,6 +566,39 @@ def _lora(model):
                                                       target_modules=["q_proj", "v_proj", "lm_head"]))
 
 
+def check_trainer_zero3(world):
+    """Two ``Trainer`` steps with a ZeRO-3 ``deepspeed=`` config (accelerate's DeepSpeed path),
+    the model patched or not: the logged losses, which after step 1 also reflect the update."""
+    import tempfile
+
+    import datasets
+    import transformers
+
+    from ranktuner_kernels.integrations.transformers import patch_model
+
+    _deepspeed()
+    out_dir = tempfile.mkdtemp()
+    os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+    cfg = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+           "train_batch_size": "auto", "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 0}}
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, 64, (8, 6), generator=g).tolist()
+    data = datasets.Dataset.from_dict({"input_ids": ids, "labels": ids})
+    logged = []
+    for patched in (False, True):
+        args = transformers.TrainingArguments(
+            output_dir=os.path.join(out_dir, f"trainer{int(patched)}"), per_device_train_batch_size=2, max_steps=2,
+            deepspeed=cfg, report_to=[], logging_steps=1, use_cpu=True, ddp_backend="gloo", learning_rate=1e-2,
+            save_strategy="no", disable_tqdm=True)
+        model = _hf_model(False)
+        trainer = transformers.Trainer(model=patch_model(model) if patched else model, args=args, train_dataset=data)
+        trainer.train()
+        assert trainer.is_deepspeed_enabled and hasattr(model.lm_head.weight, "ds_id")  # ZeRO-3 partitioned it
+        logged.append([h["loss"] for h in trainer.state.log_history if "loss" in h])
+    assert len(logged[0]) == 2, logged
+    torch.testing.assert_close(torch.tensor(logged[1]), torch.tensor(logged[0]), rtol=1e-5, atol=1e-6)
+
+
 def zero3_suite(world):
     yield ("patched-zero3-untied", lambda: check_patched_zero3(world, "untied"))
     yield ("patched-zero3-tied", lambda: check_patched_zero3(world, "tied"))
@@ -572,6 +606,7 @@ def zero3_suite(world):
     yield ("patched-zero3-ranktuner", lambda: check_patched_zero3(world, "untied", "ranktuner"))
     yield ("patched-zero3-from_pretrained", lambda: check_patched_zero3(world, "from_pretrained"))
     yield ("patched-zero3-lora-head", lambda: check_patched_zero3(world, "lora"))
+    yield ("patched-zero3-trainer", lambda: check_trainer_zero3(world))
 
 
 SUITES = {"tp2": tp_suite, "tp4": tp4_suite, "hf2": hf_suite, "zero3": zero3_suite}
