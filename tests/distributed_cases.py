@@ -48,6 +48,18 @@ def launch(suite: str, world: int, out_dir: str) -> list:
     return reports
 
 
+def run_suite(suite: str, world: int, out_dir: str, cases: int | None = None) -> None:
+    """:func:`launch`, then assert that every rank ran the suite's ``cases`` (all the same
+    number, if None) and that none failed; prints the timing."""
+    reports = launch(suite, world, out_dir)
+    failures = [f"rank {r['rank']}: {f}" for r in reports for f in r["failures"]]
+    expected = cases or reports[0]["cases"]
+    assert all(r["cases"] == expected and r["cases"] > 0 for r in reports), reports
+    assert not failures, "\n".join(failures)
+    print(f"{suite}: {reports[0]['cases']} cases, {max(r['seconds'] for r in reports):.1f}s; slowest: "
+          f"{reports[0]['slowest']}")
+
+
 def _entry(rank, suite, world, port, out_dir):
     # CPU tensors over gloo: the kernels run under the interpreter, on a GPU machine too (set
     # before the first loss imports the kernels; importing the package does not)
@@ -422,6 +434,25 @@ def _hf_batches(world, ignore_index=-100):
     return out
 
 
+def _unpatched(ref, batches, weighting):
+    """The unpatched model's loss on each batch (``weighting`` on its logits where not
+    ``"sft"``) and each trainable parameter's gradient averaged over the batches, as data
+    parallelism averages it over the ranks."""
+    losses, grads = [], {}
+    for ids, labels in batches:
+        ref.zero_grad(set_to_none=True)
+        loss = ref(input_ids=ids, labels=labels).loss
+        if weighting != "sft":  # the objective on the unpatched model's logits
+            logits = ref(input_ids=ids).logits
+            loss = rk.cross_entropy(logits[:, :-1], labels[:, 1:], weighting=weighting, impl="reference")
+        loss.backward()
+        losses.append(loss.detach())
+        for k, p in ref.named_parameters():
+            if p.requires_grad:
+                grads[k] = grads.get(k, 0) + p.grad / len(batches)
+    return losses, grads
+
+
 def check_patched_fsdp2(world, layout, weighting="sft"):
     """``patch_model`` on a tiny Llama under FSDP2 (``layout``: ``"layers+root"``, or
     ``"tied-layers+root"`` with a tied head, ``"layers+head+root"`` with the LM head its own unit): the mean over the ranks of each rank's
@@ -434,18 +465,7 @@ def check_patched_fsdp2(world, layout, weighting="sft"):
     rank = dist.get_rank()
     batches = _hf_batches(world)
     tied = "tied" in layout
-    ref = _hf_model(tied)
-    losses, grads = [], {}
-    for ids, labels in batches:
-        ref.zero_grad(set_to_none=True)
-        loss = ref(input_ids=ids, labels=labels).loss
-        if weighting != "sft":  # the objective on the unpatched model's logits
-            logits = ref(input_ids=ids).logits
-            loss = rk.cross_entropy(logits[:, :-1], labels[:, 1:], weighting=weighting, impl="reference")
-        loss.backward()
-        losses.append(loss.detach())
-        for k, p in ref.named_parameters():
-            grads[k] = grads.get(k, 0) + p.grad / world
+    losses, grads = _unpatched(_hf_model(tied), batches, weighting)
     model = _hf_model(tied)
     for layer in model.model.layers:
         fully_shard(layer)
@@ -518,18 +538,7 @@ def check_patched_zero3(world, layout, weighting="sft"):
     batches = _hf_batches(world)
     tied = layout == "tied"
     ref = _lora(_hf_model(tied)) if layout == "lora" else _hf_model(tied)
-    losses, grads = [], {}
-    for ids, labels in batches:
-        ref.zero_grad(set_to_none=True)
-        loss = ref(input_ids=ids, labels=labels).loss
-        if weighting != "sft":  # the objective on the unpatched model's logits
-            logits = ref(input_ids=ids).logits
-            loss = rk.cross_entropy(logits[:, :-1], labels[:, 1:], weighting=weighting, impl="reference")
-        loss.backward()
-        losses.append(loss.detach())
-        for k, p in ref.named_parameters():
-            if p.requires_grad:
-                grads[k] = grads.get(k, 0) + p.grad / world
+    losses, grads = _unpatched(ref, batches, weighting)
     if layout == "from_pretrained":
         path = os.path.join(tempfile.gettempdir(), f"rk-zero3-{os.getppid()}")  # the ranks share a parent
         if rank == 0:

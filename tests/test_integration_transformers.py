@@ -644,10 +644,7 @@ def test_fsdp2_patched_model_head_as_its_own_unit(tmp_path):
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
     import distributed_cases
 
-    reports = distributed_cases.launch("hf2", 2, str(tmp_path))
-    failures = [f"rank {r['rank']}: {f}" for r in reports for f in r["failures"]]
-    assert all(r["cases"] == 4 for r in reports), reports
-    assert not failures, "\n".join(failures)
+    distributed_cases.run_suite("hf2", 2, str(tmp_path), cases=4)
 
 
 @pytest.mark.slow
@@ -664,8 +661,5 @@ def test_deepspeed_zero3_patched_model(tmp_path):
     sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
     import distributed_cases
 
-    reports = distributed_cases.launch("zero3", 2, str(tmp_path))
-    failures = [f"rank {r['rank']}: {f}" for r in reports for f in r["failures"]]
-    assert all(r["cases"] == 7 for r in reports), reports
-    assert not failures, "\n".join(failures)
+    distributed_cases.run_suite("zero3", 2, str(tmp_path), cases=7)
 
