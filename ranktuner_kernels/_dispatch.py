@@ -119,18 +119,12 @@ class Backend:
         return self.kernels.row_stats(logits, target, params.ignore_index, *params.transform, with_mean,
                                       partial_target_logit=target_logit)
 
-    @staticmethod
-    def _thr_kernels():
-        from .kernels import thr
-
-        return thr
-
     def row_lse_entropy(self, logits, rows):
         """``lse`` and entropy of the rows ``rows`` of ``[N, V]`` or ``[B, T, V]`` logits, as
         ``[N]`` (0 on the other rows): THR's statistics pass."""
         n = logits.numel() // logits.shape[-1]
         if self.name == "triton":
-            return self._thr_kernels().row_lse_entropy(logits if logits.stride(-1) == 1 else logits.contiguous(), rows)
+            return self.kernels.thr.row_lse_entropy(logits if logits.stride(-1) == 1 else logits.contiguous(), rows)
         lse_k, ent_k = reference_thr.row_lse_entropy(logits.reshape(n, logits.shape[-1]), rows)
         lse = torch.zeros(n, dtype=lse_k.dtype, device=logits.device)
         ent = torch.zeros_like(lse)
@@ -140,7 +134,7 @@ class Backend:
     def thr_pair_sums(self, logits, tokens, u_rows, u_group, o_rows, o_group, o_weight, hidden, lse, precision):
         """THR's grouped pair sums (``rl.thr.thr_pair_sums``)."""
         if self.name == "triton":
-            return self._thr_kernels().thr_pair_sums(logits if logits.stride(-1) == 1 else logits.contiguous(), tokens,
+            return self.kernels.thr.thr_pair_sums(logits if logits.stride(-1) == 1 else logits.contiguous(), tokens,
                                                   u_rows, u_group, o_rows, o_group, o_weight, hidden, lse=lse,
                                                   precision=precision)
         return reference_thr.thr_pair_sums(logits.reshape(-1, logits.shape[-1]), tokens, u_rows, u_group, o_rows,
