@@ -1,7 +1,10 @@
 """Tiny models of every causal-LM type of the installed transformers (no downloads), for
 ``tests/test_model_coverage.py``: ``tiny_model(model_type, mapping)`` builds the class the auto
-mapping names from a shrunken config, or raises ``Unbuildable`` with the reason."""
+mapping names from a shrunken config (SHRINK's keys, then TYPE_OVERRIDES), or raises ``Unbuildable``
+with the reason."""
 
+import contextlib
+import importlib
 import re
 import signal
 
@@ -24,6 +27,103 @@ SHRINK = dict(
     logits_scaling=2.5, logit_scale=0.3, final_logit_softcapping=3.0, logits_soft_cap=3.0, lm_head_multiplier=0.7,
 )
 
+_GEMMA3N_TEXT = dict(
+    # the last num_kv_shared_layers layers reuse the KV of an earlier layer of their type: each
+    # type (sliding / full) must have a producer among the first layers
+    num_hidden_layers=4, layer_types=["sliding_attention", "full_attention"] * 2, num_kv_shared_layers=2,
+    intermediate_size=64, activation_sparsity_pattern=[0.95, 0.0, 0.0, 0.0],  # one layer with the top-k sparsity
+    vocab_size_per_layer_input=V, hidden_size_per_layer_input=8, laurel_rank=8, sliding_window=4,
+)
+#: per-type overrides, deep-merged into the shrunk config (a dict value goes into that sub-config),
+#: where SHRINK's generic keys leave a config inconsistent or large (the vision towers' own widths)
+TYPE_OVERRIDES = {
+    "qwen2_vl": {"vision_config": dict(embed_dim=32, depth=1)},
+    "qwen2_5_vl": {"vision_config": dict(depth=1, out_hidden_size=32, window_size=16, fullatt_block_indexes=[0])},
+    "glm4v": {"vision_config": dict(depth=1, out_hidden_size=32)},
+    "glm4v_moe": {"vision_config": dict(depth=1, out_hidden_size=32)},
+    "glm46v": {"vision_config": dict(depth=1, out_hidden_size=32)},
+    "glmga": {"vision_config": dict(depth=1, out_hidden_size=32)},
+    "llama4": {
+        "vision_config": dict(num_hidden_layers=1, intermediate_size=64, vision_output_dim=32, projector_input_dim=32,
+                              projector_output_dim=32),
+        "text_config": dict(intermediate_size_mlp=64, attention_chunk_size=4, interleave_moe_layer_step=2),
+    },
+    "gemma3n_text": _GEMMA3N_TEXT,
+    "gemma3n": {
+        "text_config": _GEMMA3N_TEXT,
+        "vision_config": dict(vocab_offset=V),
+        "audio_config": dict(vocab_offset=V + 128, input_feat_size=16, conf_num_hidden_layers=1,
+                             conf_num_attention_heads=4, sscp_conv_channel_size=[8, 8]),
+    },
+}
+
+
+def _merge(base, over):
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _fit_mrope(config):
+    """The multimodal rotary embedding splits the rotary half-dim into (t, h, w) sections: scale
+    the default sections to the tiny head dim (a text batch gives the three the same positions)."""
+    for sub in [config] + [getattr(config, k, None) for k in (getattr(config, "sub_configs", None) or {})]:
+        if sub is None or "mrope_section" not in (getattr(type(sub), "ignore_keys_at_rope_validation", None) or ()):
+            continue
+        rope = getattr(sub, "rope_parameters", None)
+        if not isinstance(rope, dict) or "rope_type" not in rope:
+            continue
+        head_dim = getattr(sub, "head_dim", None) or sub.hidden_size // sub.num_attention_heads
+        half = int(head_dim * rope.get("partial_rotary_factor", getattr(sub, "partial_rotary_factor", None) or 1.0)) // 2
+        section = rope.get("mrope_section")
+        if section is None or sum(section) != half:
+            rope["mrope_section"] = [half - 2 * (half // 3), half // 3, half // 3]
+
+
+class _StandIn(torch.nn.Module):
+    """A parameterless tower in place of one whose backend (timm) is not installed; a text batch
+    never calls it."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+
+    def forward(self, *args, **kwargs):
+        raise RuntimeError("a stand-in tower: the model is tested on text only")
+
+
+@contextlib.contextmanager
+def _stand_ins(class_name):
+    """While building ``class_name``: ``AutoModel.from_config`` of its modeling module gives a
+    ``_StandIn`` for a sub-config whose model needs an optional backend that is not installed."""
+    module = importlib.import_module(getattr(transformers, class_name).__module__)
+    auto = getattr(module, "AutoModel", None)
+    made = []  # the model types stood in
+    if auto is None:
+        yield made
+        return
+
+    class _Auto:
+        @staticmethod
+        def from_config(config, **kwargs):
+            try:
+                return auto.from_config(config, **kwargs)
+            except ImportError as exc:
+                backend = re.search(r"requires the (\S+) library", str(exc))
+                made.append(f"{getattr(config, 'model_type', type(config).__name__)} tower stood in, "
+                            f"{backend.group(1) if backend else 'its backend'} not being installed")
+                return _StandIn(config)
+
+        def __getattr__(self, name):
+            return getattr(auto, name)
+
+    module.AutoModel = _Auto()
+    try:
+        yield made
+    finally:
+        module.AutoModel = auto
+
 
 class Unbuildable(Exception):
     pass
@@ -31,15 +131,30 @@ class Unbuildable(Exception):
 
 def mappings():
     """``{model_type: (class name, kind)}``: every causal LM, then the image-text-to-text
-    ``*ForConditionalGeneration`` / ``*ForCausalLM`` classes not already there."""
+    ``*ForConditionalGeneration`` / ``*ForCausalLM`` classes not already there, or in place of a
+    causal LM that is the text model of a type tested on its own (``llama4`` is tested as
+    ``Llama4ForConditionalGeneration``, its ``Llama4ForCausalLM`` as ``llama4_text``)."""
     out = {}
     for mt, name in modeling_auto.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.items():
         out[mt] = (name if isinstance(name, str) else name[0], "causal-lm")
     for mt, name in modeling_auto.MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES.items():
         name = name if isinstance(name, str) else name[0]
-        if mt not in out and (name.endswith("ForConditionalGeneration") or name.endswith("ForCausalLM")):
+        if (mt not in out or _text_model_of_a_tested_type(mt, out[mt][0], out)) and (
+                name.endswith("ForConditionalGeneration") or name.endswith("ForCausalLM")):
             out[mt] = (name, "image-text-to-text")
     return out
+
+
+def _text_model_of_a_tested_type(model_type, class_name, tested):
+    """Whether the causal-LM class of a multimodal type takes only its text sub-config (then
+    ``AutoModelForCausalLM`` builds it from ``config.text_config``) and that text config's type is
+    tested on its own."""
+    try:
+        cls = getattr(transformers, class_name)
+    except Exception:  # noqa: BLE001
+        return False
+    text = (getattr(configuration_auto.CONFIG_MAPPING[model_type], "sub_configs", None) or {}).get("text_config")
+    return text is not None and getattr(cls, "config_class", None) is text and text.model_type in tested
 
 
 def _shrunk(config_cls, depth=0):
@@ -74,7 +189,7 @@ def _alarm(signum, frame):
 def tiny_model(model_type, class_name, seconds=20):
     """The model, in eval mode (no dropout), float32, seeded; ``Unbuildable`` with the reason."""
     config_cls = configuration_auto.CONFIG_MAPPING[model_type]
-    kw = _shrunk(config_cls)
+    kw = _merge(_shrunk(config_cls), TYPE_OVERRIDES.get(model_type, {}))
     try:
         cls = getattr(transformers, class_name)
     except Exception as exc:  # noqa: BLE001
@@ -100,13 +215,17 @@ def tiny_model(model_type, class_name, seconds=20):
                 break
         if config is None:
             raise Unbuildable(error)
+        _fit_mrope(config)
         torch.manual_seed(0)
+        made = []
         try:
-            model = cls(config)
+            with _stand_ins(class_name) as made:
+                model = cls(config)
         except _Timeout:
             raise Unbuildable(f"building {class_name} from the tiny config takes over {seconds} s") from None
         except Exception as exc:  # noqa: BLE001
-            raise Unbuildable(f"{class_name}(tiny config) fails: {type(exc).__name__}: {str(exc)[:160]}") from None
+            note = f" (its {', '.join(made)})" if made else ""
+            raise Unbuildable(f"{class_name}(tiny config){note} fails: {type(exc).__name__}: {str(exc)[:160]}") from None
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)

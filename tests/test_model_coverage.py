@@ -5,10 +5,12 @@ The model types are enumerated from transformers' auto mappings (causal LMs, the
 image-text-to-text ``*ForConditionalGeneration`` classes, run on text), each built from a
 shrunken config (``tests/_tiny_models.py``, no downloads). A model that cannot be built that way
 is skipped with the reason. ``python tests/test_model_coverage.py`` prints the three lists
-(exact / refused with the reason / unbuildable) for the docs.
+(exact / refused with the reason / unbuildable) for the docs; ``test_docs_lists_partition_the_model_types``
+checks that the docs' lists name every type once, with the README's counts.
 """
 
 import os
+import re
 import sys
 
 import pytest
@@ -24,7 +26,10 @@ from ranktuner_kernels.integrations import transformers as rkt  # noqa: E402
 MODELS = mappings()
 #: families whose forward transforms the logits or adds a router loss: these must be exact
 MUST_BE_EXACT = ("granite", "granitemoe", "cohere", "cohere2", "gemma2", "falcon_h1", "hyperclovax", "minicpm3",
-                 "recurrent_gemma", "mixtral", "qwen2_moe", "gpt_neox", "gpt2", "opt", "llava")
+                 "recurrent_gemma", "mixtral", "qwen2_moe", "gpt_neox", "gpt2", "opt", "llava", "gemma3n", "gemma3n_text")
+#: families Liger-Kernel patches whose tiny config needs per-type overrides (``_tiny_models.TYPE_OVERRIDES``,
+#: the mrope sections, a stand-in for gemma3n's timm vision tower): exact or refused by name, never untested
+MUST_BE_TESTED = ("qwen2_vl", "qwen2_5_vl", "glm4v", "glm4v_moe", "gemma3n", "gemma3n_text", "llama4")
 
 
 def _special_ids(config, seen=None):
@@ -105,6 +110,8 @@ def test_patched_equals_unpatched_or_refused_by_name(model_type):
     verdict, reason = check(model_type)
     if model_type in MUST_BE_EXACT:
         assert verdict == "exact", f"{model_type}: {verdict}: {reason}"
+    if model_type in MUST_BE_TESTED:
+        assert verdict != "unbuildable", f"{model_type}: {reason}"
     if verdict == "unbuildable":
         pytest.skip(f"{model_type}: {reason}")
 
@@ -122,6 +129,44 @@ def test_ignore_index_through_the_causal_shift():
     for mode in (model.train, model.eval):  # fused, then eval_logits
         mode()
         torch.testing.assert_close(model(input_ids=ids, labels=labels).loss, want, rtol=1e-5, atol=1e-6)
+
+
+def _docs_lists():
+    """``{"exact" | "refused" | "unbuildable": [model types]}`` from docs/integrations.md."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "docs", "integrations.md"), encoding="utf-8") as f:
+        text = f.read()
+    out = {}
+    for key, head in (("exact", "Exact"), ("refused", "Refused by name"), ("unbuildable", "Not tested")):
+        m = re.search(rf"^\*\*{head} \((\d+)\)\*\*(.*?)(?=\n\n(?!\* )|\Z)", text, re.M | re.S)
+        assert m is not None, head
+        body = m.group(2)
+        names = re.findall(r"`([^`]+)`", body.split(":", 1)[1]) if key == "exact" else re.findall(r"^\* `([^`]+)`", body, re.M)
+        assert len(names) == int(m.group(1)), (head, len(names), m.group(1))
+        out[key] = names
+    return out, text
+
+
+def test_docs_lists_partition_the_model_types():
+    """The docs' three lists (exact / refused / not tested) name every enumerated model type
+    once, with the counts the README states; the families that must be tested are not in the
+    untested list. (Which list each type is in is measured by ``python tests/test_model_coverage.py``;
+    skipped under another transformers version than the audited one.)"""
+    lists, text = _docs_lists()
+    audited = re.search(r"\*\*Audited with transformers ([\w.]+)\*\*", text).group(1)
+    if transformers.__version__ != audited:
+        pytest.skip(f"the docs' lists are of transformers {audited}, this is {transformers.__version__}")
+    names = [n for v in lists.values() for n in v]
+    assert sorted(names) == sorted(MODELS)
+    assert not set(MUST_BE_TESTED) & set(lists["unbuildable"])
+    assert set(MUST_BE_EXACT) <= set(lists["exact"])
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "README.md"), encoding="utf-8") as f:
+        readme = " ".join(f.read().split())
+    assert (f"of the {len(MODELS)} causal-LM and image-text-to-text model types" in readme
+            and f"**{len(lists['exact'])} are tested exact**" in readme
+            and f"**{len(lists['refused'])} are refused by name**" in readme
+            and f"and {len(lists['unbuildable'])} could not be built" in readme)
 
 
 if __name__ == "__main__":
