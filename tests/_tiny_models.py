@@ -34,6 +34,13 @@ _GEMMA3N_TEXT = dict(
     intermediate_size=64, activation_sparsity_pattern=[0.95, 0.0, 0.0, 0.0],  # one layer with the top-k sparsity
     vocab_size_per_layer_input=V, hidden_size_per_layer_input=8, laurel_rank=8, sliding_window=4,
 )
+_GEMMA4_TEXT = dict(
+    # head_dim is per layer (not read by the generic shrinking); global_head_dim is the full-attention
+    # layers' head dim; the per-layer-input (PLE) table is vocab_size_per_layer_input x layers x width
+    # (262144 x 2 x 256 gave the 135M parameters)
+    head_dim=8, global_head_dim=8, layer_types=["sliding_attention", "full_attention"], sliding_window=4,
+    vocab_size_per_layer_input=V, hidden_size_per_layer_input=8,
+)
 #: per-type overrides, deep-merged into the shrunk config (a dict value goes into that sub-config),
 #: where SHRINK's generic keys leave a config inconsistent or large (the vision towers' own widths)
 TYPE_OVERRIDES = {
@@ -49,6 +56,16 @@ TYPE_OVERRIDES = {
         "text_config": dict(intermediate_size_mlp=64, attention_chunk_size=4, interleave_moe_layer_step=2),
     },
     "gemma3n_text": _GEMMA3N_TEXT,
+    "gemma4_text": _GEMMA4_TEXT,
+    "gemma4": {"text_config": _GEMMA4_TEXT},
+    "deepseek_v4": dict(
+        # the default schedule makes the first 3 MLPs hash-routed: with 2 layers no top-k router is left,
+        # router_logits is empty and the unpatched aux loss fails (IndexError); one of each, and one layer
+        # of each compressed attention, compressing at rates the 8-token batch reaches
+        layer_types=["compressed_sparse_attention", "heavily_compressed_attention"], mlp_layer_types=["hash_moe", "moe"],
+        compress_rates={"compressed_sparse_attention": 2, "heavily_compressed_attention": 4}, sliding_window=4,
+        o_groups=2, o_lora_rank=16, index_n_heads=4, index_head_dim=8, index_topk=2,
+    ),
     "gemma3n": {
         "text_config": _GEMMA3N_TEXT,
         "vision_config": dict(vocab_offset=V),

@@ -6,9 +6,12 @@ image-text-to-text ``*ForConditionalGeneration`` classes, run on text), each bui
 shrunken config (``tests/_tiny_models.py``, no downloads). A model that cannot be built that way
 is skipped with the reason. ``python tests/test_model_coverage.py`` prints the three lists
 (exact / refused with the reason / unbuildable) for the docs; ``test_docs_lists_partition_the_model_types``
-checks that the docs' lists name every type once, with the README's counts.
+checks that the docs' lists name every type once, with the README's counts;
+``test_liger_kernel_families_are_exact_or_refused`` that every model type Liger-Kernel 0.8.2 patches
+(``LIGER_0_8_2``) with a class here is exact or refused, as the docs' table of Liger's families says.
 """
 
+import functools
 import os
 import re
 import sys
@@ -26,10 +29,24 @@ from ranktuner_kernels.integrations import transformers as rkt  # noqa: E402
 MODELS = mappings()
 #: families whose forward transforms the logits or adds a router loss: these must be exact
 MUST_BE_EXACT = ("granite", "granitemoe", "cohere", "cohere2", "gemma2", "falcon_h1", "hyperclovax", "minicpm3",
-                 "recurrent_gemma", "mixtral", "qwen2_moe", "gpt_neox", "gpt2", "opt", "llava", "gemma3n", "gemma3n_text")
-#: families Liger-Kernel patches whose tiny config needs per-type overrides (``_tiny_models.TYPE_OVERRIDES``,
-#: the mrope sections, a stand-in for gemma3n's timm vision tower): exact or refused by name, never untested
-MUST_BE_TESTED = ("qwen2_vl", "qwen2_5_vl", "glm4v", "glm4v_moe", "gemma3n", "gemma3n_text", "llama4")
+                 "recurrent_gemma", "mixtral", "qwen2_moe", "gpt_neox", "gpt2", "opt", "llava", "gemma3n", "gemma3n_text",
+                 "deepseek_v4")
+#: families whose tiny config needs per-type overrides (``_tiny_models.TYPE_OVERRIDES``, the mrope sections,
+#: a stand-in for gemma3n's timm vision tower): exact or refused by name, never untested
+MUST_BE_TESTED = ("qwen2_vl", "qwen2_5_vl", "glm4v", "glm4v_moe", "gemma3n", "gemma3n_text", "llama4",
+                  "deepseek_v4", "gemma4_text", "gemma4")
+#: the model types Liger-Kernel patches: the keys of MODEL_TYPE_TO_APPLY_LIGER_FN in Liger-Kernel 0.8.2,
+#: src/liger_kernel/transformers/monkey_patch.py (commit ead96b6). Each of them that has a causal-LM or
+#: image-text-to-text class here (is in MODELS) must be exact or refused by name, never untested; the
+#: others (text configs of a multimodal type, a vision tower) have no LM head class to patch.
+LIGER_0_8_2 = (
+    "deepseek_v4", "gemma", "gemma2", "gemma3_text", "gemma3", "gemma4_text", "gemma4", "glm4", "glm4v", "glm4v_moe",
+    "gpt_oss", "internvl", "llama", "llama4_text", "llama4", "llava", "granite", "mllama", "mllama_text_model",
+    "ministral", "mistral", "mixtral", "nemotron", "olmo2", "pixtral", "olmo3", "qwen2", "qwen3", "qwen3_moe",
+    "qwen2_vl", "qwen2_vl_text", "qwen2_5_vl", "qwen2_5_vl_text", "qwen3_next", "qwen3_5", "qwen3_5_text",
+    "qwen3_5_moe", "qwen3_5_moe_text", "qwen3_vl", "qwen3_vl_text", "qwen3_vl_moe", "qwen3_vl_moe_text", "smollm3",
+    "phi3", "paligemma", "falcon_h1", "smolvlm", "hunyuan_v1_dense", "hunyuan_v1_moe", "exaone4",
+)
 
 
 def _special_ids(config, seen=None):
@@ -100,20 +117,42 @@ def check(model_type):
     return "exact", None
 
 
+@functools.lru_cache(maxsize=None)
+def verdict_of(model_type):
+    """``check(model_type)``, once per session (the Liger-Kernel test reads the same results)."""
+    torch.manual_seed(0)
+    return check(model_type)
+
+
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: tiny models run faster on one thread
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("model_type", sorted(MODELS))
 def test_patched_equals_unpatched_or_refused_by_name(model_type):
-    torch.manual_seed(0)
-    verdict, reason = check(model_type)
+    verdict, reason = verdict_of(model_type)
     if model_type in MUST_BE_EXACT:
         assert verdict == "exact", f"{model_type}: {verdict}: {reason}"
-    if model_type in MUST_BE_TESTED:
+    if model_type in MUST_BE_TESTED or model_type in LIGER_0_8_2:
         assert verdict != "unbuildable", f"{model_type}: {reason}"
     if verdict == "unbuildable":
         pytest.skip(f"{model_type}: {reason}")
+
+
+@pytest.mark.slow
+def test_liger_kernel_families_are_exact_or_refused():
+    """Every model type Liger-Kernel 0.8.2 patches that has a causal-LM or image-text-to-text class
+    in the installed transformers is exact or refused by name (never untested), as the docs' table
+    of Liger's families says."""
+    ours = [mt for mt in LIGER_0_8_2 if mt in MODELS]
+    assert ours, "none of Liger-Kernel's model types is a causal LM here"
+    measured = {mt: verdict_of(mt) for mt in ours}
+    untested = {mt: reason for mt, (verdict, reason) in measured.items() if verdict not in ("exact", "refused")}
+    assert not untested, untested
+    lists, text = _docs_lists()
+    if transformers.__version__ == _audited(text):
+        table = _docs_liger_table(text)
+        assert {mt: table[mt] for mt in ours} == {mt: v for mt, (v, _) in measured.items()}
 
 
 def test_ignore_index_through_the_causal_shift():
@@ -147,13 +186,45 @@ def _docs_lists():
     return out, text
 
 
+def _audited(text):
+    return re.search(r"\*\*Audited with transformers ([\w.]+)\*\*", text).group(1)
+
+
+def _docs_liger_table(text):
+    """``{model type: "exact" | "refused" | "no LM head class"}`` from the docs' table of Liger-Kernel's families."""
+    m = re.search(r"^\*\*Liger-Kernel's families\*\*.*?\n\n(\|.*?)(?=\n\n|\Z)", text, re.M | re.S)
+    assert m is not None, "no table under **Liger-Kernel's families**"
+    out = {}
+    for row in m.group(1).splitlines()[2:]:  # after the header and the |---| line
+        cells = [c.strip() for c in row.strip().strip("|").split("|")]
+        status = re.match(r"\*?\*?(exact|refused|no LM head class)", cells[1])
+        assert status is not None, row
+        for name in re.findall(r"`([^`]+)`", cells[0]):
+            assert name not in out, name
+            out[name] = status.group(1)
+    return out
+
+
+def test_docs_liger_table_matches_the_lists():
+    """The docs' table of Liger-Kernel's families names each of LIGER_0_8_2 once, with the status
+    the docs' measured lists give it ("no LM head class" for a type that is not enumerated here)."""
+    lists, text = _docs_lists()
+    if transformers.__version__ != _audited(text):
+        pytest.skip(f"the docs' lists are of transformers {_audited(text)}, this is {transformers.__version__}")
+    table = _docs_liger_table(text)
+    assert sorted(table) == sorted(LIGER_0_8_2)
+    status = {mt: verdict for verdict, names in lists.items() for mt in names}
+    want = {mt: status[mt] if mt in MODELS else "no LM head class" for mt in LIGER_0_8_2}
+    assert table == want  # an untested Liger type has no row status to match
+
+
 def test_docs_lists_partition_the_model_types():
     """The docs' three lists (exact / refused / not tested) name every enumerated model type
     once, with the counts the README states; the families that must be tested are not in the
     untested list. (Which list each type is in is measured by ``python tests/test_model_coverage.py``;
     skipped under another transformers version than the audited one.)"""
     lists, text = _docs_lists()
-    audited = re.search(r"\*\*Audited with transformers ([\w.]+)\*\*", text).group(1)
+    audited = _audited(text)
     if transformers.__version__ != audited:
         pytest.skip(f"the docs' lists are of transformers {audited}, this is {transformers.__version__}")
     names = [n for v in lists.values() for n in v]
