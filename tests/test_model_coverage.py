@@ -30,7 +30,7 @@ MODELS = mappings()
 #: families whose forward transforms the logits or adds a router loss: these must be exact
 MUST_BE_EXACT = ("granite", "granitemoe", "cohere", "cohere2", "gemma2", "falcon_h1", "hyperclovax", "minicpm3",
                  "recurrent_gemma", "mixtral", "qwen2_moe", "gpt_neox", "gpt2", "opt", "llava", "gemma3n", "gemma3n_text",
-                 "deepseek_v4")
+                 "deepseek_v4", "gemma4", "gemma4_text")
 #: families whose tiny config needs per-type overrides (``_tiny_models.TYPE_OVERRIDES``, the mrope sections,
 #: a stand-in for gemma3n's timm vision tower): exact or refused by name, never untested
 MUST_BE_TESTED = ("qwen2_vl", "qwen2_5_vl", "glm4v", "glm4v_moe", "gemma3n", "gemma3n_text", "llama4",
@@ -110,11 +110,30 @@ def check(model_type):
     if getattr(want, "aux_loss", None) is not None:
         torch.testing.assert_close(got.aux_loss, want.aux_loss, rtol=1e-5, atol=1e-7)
     assert got_grads.keys() == want_grads.keys() and got_grads, model_type
+    off = []
     for name, g in want_grads.items():
         atol = 1e-5 * float(g.abs().max()) + 1e-9
-        torch.testing.assert_close(got_grads[name], g, rtol=1e-4, atol=atol, msg=lambda m: f"{model_type} {name}: {m}")
+        try:
+            torch.testing.assert_close(got_grads[name], g, rtol=1e-4, atol=atol, msg=lambda m: f"{model_type} {name}: {m}")
+        except AssertionError:
+            off.append(name)
+    if off:
+        _no_worse_than_float32(model_type, rkt.unpatch_model(model), ids, labels, want_grads, got_grads, off)
     assert type(got) is type(want)
     return "exact", None
+
+
+def _no_worse_than_float32(model_type, unpatched, ids, labels, want_grads, got_grads, names):
+    """Gradients that differ from the unpatched model's beyond the fixed tolerance pass only if
+    they are within float32 round-off of the truth: each one's error against the unpatched model
+    run in float64 at most twice the unpatched float32 model's own (a deep layer of a tiny model
+    can carry a gradient whose largest entry is round-off sized)."""
+    _, truth = _loss_and_grads(unpatched.double(), ids, labels)
+    for name in names:
+        err_torch = float((want_grads[name].double() - truth[name]).abs().max())
+        err_ours = float((got_grads[name].double() - truth[name]).abs().max())
+        assert err_ours <= 2 * err_torch + 1e-12, (
+            f"{model_type} {name}: error {err_ours:.3g} against float64, the unpatched model's {err_torch:.3g}")
 
 
 @functools.lru_cache(maxsize=None)
