@@ -158,6 +158,36 @@ def test_patched_equals_unpatched_or_refused_by_name(model_type):
         pytest.skip(f"{model_type}: {reason}")
 
 
+def test_gemma4_logits_to_keep_with_kv_shared_layers(monkeypatch):
+    """Gemma 4 slices the hidden states itself only if its decoder has not (the decoder slices
+    early, for an int logits_to_keep, when KV-shared layers follow): with full-length labels the
+    patched loss equals the unpatched model's on the labels of the kept positions."""
+    import _tiny_models
+
+    over = {**_tiny_models.TYPE_OVERRIDES["gemma4_text"], "num_hidden_layers": 4, "num_kv_shared_layers": 2,
+            "layer_types": ["sliding_attention", "full_attention"] * 2}
+    monkeypatch.setitem(_tiny_models.TYPE_OVERRIDES, "gemma4_text", over)
+    torch.manual_seed(0)
+    model = tiny_model("gemma4_text", MODELS["gemma4_text"][0])
+    assert model.config.num_kv_shared_layers == 2
+    ids, labels = _batch(model)
+    rows = []
+    model.model.register_forward_hook(lambda module, args, out: rows.append(out.last_hidden_state.shape[1]))
+    # shift_labels: the kept last position has a target of its own (the shift would leave it none)
+    shift = torch.cat([labels[:, 1:], torch.randint(3, 9, (labels.shape[0], 1))], dim=1)
+    for keep in (1, 2, 0):
+        kept = slice(-keep, None) if keep else slice(None)
+        want = model(input_ids=ids, labels=labels[:, kept], shift_labels=shift[:, kept].contiguous(), logits_to_keep=keep,
+                     use_cache=False).loss
+        rkt.patch_model(model)
+        got = model(input_ids=ids, labels=labels, shift_labels=shift, logits_to_keep=keep, use_cache=False).loss
+        rkt.unpatch_model(model)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    # unpatched, keep=1 is sliced in the decoder (sdpa keeps 2 rows whole); patched, the decoder
+    # never sees logits_to_keep and the loss slices once
+    assert rows == [1, 8, 8, 8, 8, 8], rows
+
+
 @pytest.mark.slow
 def test_liger_kernel_families_are_exact_or_refused():
     """Every model type Liger-Kernel 0.8.2 patches that has a causal-LM or image-text-to-text class

@@ -406,8 +406,8 @@ def _read_forward(cls) -> _HeadPlan:
         elif hidden and re.fullmatch(rf"if {hidden}\.shape\[1\] == \(input_ids if input_ids is not None else "
                                      rf"inputs_embeds\)\.shape\[1\]:\n    {hidden} = slice_logits_to_keep\({hidden}, "
                                      rf"logits_to_keep\)", t):
-            # Gemma 4: sliced unless the decoder already did (KV-shared layers, an int logits_to_keep);
-            # slicing twice by an int keeps the same rows
+            # Gemma 4: sliced unless its decoder already did (KV-shared layers, an int logits_to_keep);
+            # the patched forward keeps logits_to_keep from the decoder and slices once itself
             sliced = True
         elif hidden and (m := re.fullmatch(rf"{hidden} = {hidden} ([*/]) (self\.[\w.]+)", t)):
             # a scale of the hidden states is a scale of the logits of a head without bias
