@@ -93,7 +93,7 @@ def write_markdown(path, table, meta):
              f"Written by `python -m bench.kernels_report` on {meta['date']} at commit {meta['commit']}: "
              f"{meta['launches']} launches recorded from the library's call paths, {meta['recorded']} distinct, "
              f"{meta['compiled']} compiled per target ({meta['scope']}); Triton {', '.join(meta['tritons'])}; "
-             f"targets {', '.join(gc.TARGETS)}.", ""]
+             f"targets {', '.join(meta.get('targets', gc.TARGETS))}.", ""]
     head = [t for t in table if t["kernel"] in ("_row_stats_kernel", "_row_grad_kernel") and t["target"] == "sm_90"
             and t["variant"].split()[0] == "bfloat16" and not t.get("error")]
     lines += ["## Headline: the streaming loops, bf16 logits, sm_90", "",
@@ -158,7 +158,7 @@ def main(argv=None):
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                             cwd=os.path.dirname(HERE)).stdout.strip()
     meta = dict(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), commit=commit, launches=launches,
-                recorded=len(recorded), compiled=len(variants), tritons=tritons,
+                recorded=len(recorded), compiled=len(variants), tritons=tritons, targets=args.targets.split(","),
                 scope="every variant" if args.all else "one per kernel, dtype and switch set; formulas aside")
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     write_markdown(args.out, table, meta)
