@@ -12,18 +12,22 @@ kernel of ``row_stats.py`` (:func:`row_lse_entropy`). The kernel here:
 
 * ``_thr_pair_kernel``: like a (varlen) attention kernel whose "sequence" axis is the
   vocabulary. Rows are sorted by group; each program owns ``BLOCK_U`` updating rows of one
-  group and loops over that group's observed rows in ``BLOCK_O`` tiles. For each tile pair it
-  streams the vocabulary in ``BLOCK_V`` tiles, forms ``p = exp(z - lse)`` for both row tiles in
-  registers and accumulates the probability Gram tile ``tl.dot(p_o, p_uᵀ)``; ``π_u(y_o)`` and
-  ``π_o(y_u)`` are gathered logits (a ``BLOCK_O × BLOCK_U`` gather of ``z`` at the other rows'
-  tokens), the hidden Gram ``h_o · h_u`` another ``tl.dot`` over ``BLOCK_D`` tiles. The
-  ``BLOCK_O × BLOCK_U`` tile of ``S`` is weighted and reduced over ``o`` in registers, so
-  nothing of size ``N × V`` or ``N × N`` is written. Deterministic (no atomics).
+  group and loops over that group's observed rows in ``BLOCK_O`` tiles. Since
+  ``S[o, u] = <e_{y_o} - π_o, e_{y_u} - π_u>`` (``e_y`` the one-hot row of the token), the
+  whole of ``S`` is one Gram product: for each tile pair the kernel streams the vocabulary in
+  ``BLOCK_V`` tiles, forms ``q = e_y - exp(z - lse)`` for both row tiles in registers and
+  accumulates ``tl.dot(q_u, q_oᵀ)`` (no gathers of ``z`` at the other rows' tokens, no
+  ``BLOCK_U × BLOCK_O`` pointer tiles); the hidden Gram ``h_u · h_o`` is another ``tl.dot``
+  over ``BLOCK_D`` tiles. The ``BLOCK_U × BLOCK_O`` tile of ``S`` is weighted and reduced over
+  ``o`` in registers, so nothing of size ``N × V`` or ``N × N`` is written. Deterministic (no
+  atomics).
 
-Row offsets are int64; logits may be ``[N, V]`` or ``[B, T, V]`` with any row strides (last
-stride 1). Accumulation is float32; ``precision`` picks ``tl.dot``'s input precision for the
-float32 products (``"ieee"``, default, or ``"tf32"``: faster on tensor cores, ~1e-3 relative
-error in the Gram terms).
+The wrapper hands the kernel, per listed row in group order, the row index (int32), its lse
+and its token (int32); row offsets into the logits are int64; logits may be ``[N, V]`` or
+``[B, T, V]`` with any row strides (last stride 1). Row tiles past a group's end repeat its
+last row (no row masks; those entries are dropped). Accumulation is float32; ``precision``
+picks ``tl.dot``'s input precision for the float32 products (``"ieee"``, default, or
+``"tf32"``: faster on tensor cores, ~1e-3 relative error in ``S``).
 """
 
 from __future__ import annotations
@@ -39,13 +43,27 @@ __all__ = ["thr_pair_sums", "row_lse_entropy", "PRECISIONS"]
 PRECISIONS = ("ieee", "tf32")
 
 #: The GPU launch: 64-row tiles of updating and observed rows, 64-wide vocabulary and hidden
-#: tiles, 16 warps and no software pipelining (``num_stages=1``). Compiled with Triton 3.9 this
-#: holds the two ``64 x 64`` float32 Gram tiles in registers on sm_90 and sm_100 (0-8 stack
-#: bytes on sm_80; ``bench/results/kernels.md``); 4 warps with 3 stages spilled 16-904 bytes
-#: per thread, 8 warps still 168-264 on sm_80.
-GPU_LAUNCH = dict(block_u=64, block_o=64, block_v=64, block_d=64, num_warps=16, num_stages=1)
+#: tiles, 16 warps, no software pipelining (``num_stages=1``) and ``maxnreg=128`` (CUDA only),
+#: the hardware's cap at 16 warps: without it ptxas fits some variants into 64 registers (two
+#: blocks per SM) by spilling 8-24 bytes of loop invariants. Compiled for sm_80, sm_90 and
+#: sm_100, every recorded variant (float32/bf16/f16 logits, with and without hidden states,
+#: ieee and tf32) keeps 0 stack bytes with Triton 3.9 (80-124 registers) and 3.6 (88-116), and
+#: so does gfx942 with ``GPU_LAUNCH_ROCM`` (136-208 VGPRs; ``bench/results/kernels.md``). The
+#: kernel before the one-Gram form (gathers of ``z`` at the other rows' tokens, in-kernel int64
+#: row division) needed 108-128 registers and 0-24 stack bytes on the NVIDIA targets (116-392 on
+#: gfx942 at 16 wavefronts); 4 warps with 3 stages spilled 16-904 bytes per thread.
+GPU_LAUNCH = dict(block_u=64, block_o=64, block_v=64, block_d=64, num_warps=16, num_stages=1, maxnreg=128)
+#: On ROCm: the same 512 threads per program as 8 wavefronts of 64 (up to 256 VGPRs each; at
+#: 16 wavefronts the cap is 128 and gfx942 spilled 16-116 bytes); ``maxnreg`` is CUDA's.
+GPU_LAUNCH_ROCM = dict(GPU_LAUNCH, num_warps=8, maxnreg=None)
 #: Under the CPU interpreter: smaller tiles (speed only; the interpreter ignores warps and stages).
-INTERPRETER_LAUNCH = dict(block_u=32, block_o=32, block_v=128, block_d=64, num_warps=4, num_stages=1)
+INTERPRETER_LAUNCH = dict(block_u=32, block_o=32, block_v=128, block_d=64, num_warps=4, num_stages=1, maxnreg=None)
+
+
+def _launch() -> dict:
+    if _interpreting():
+        return INTERPRETER_LAUNCH
+    return GPU_LAUNCH_ROCM if torch.version.hip is not None else GPU_LAUNCH
 
 
 def _interpreting() -> bool:
@@ -66,11 +84,22 @@ def _row_geometry(logits: torch.Tensor):
 
 
 @triton.jit
+def _e_minus_p(ptrs, y_off, lse, cols, n_cols):
+    """``e_y - π`` on one vocabulary tile of a row tile: float32 ``[rows, BLOCK_V]`` from the
+    logits at ``ptrs``; ``y_off``: each row's token minus the tile's first column; the columns
+    from ``n_cols`` on (past the vocabulary) read as ``-inf``: 0."""
+    z = tl.load(ptrs, mask=(cols < n_cols)[None, :], other=float("-inf"))
+    p = tl.exp(z.to(tl.float32) - lse[:, None])
+    return tl.where(cols[None, :] == y_off[:, None], 1.0, 0.0) - p
+
+
+@triton.jit
 def _thr_pair_kernel(
     logits_ptr, T, stride_b, stride_t, V,
-    lse_ptr, tok_ptr,
+    u_rows_ptr, u_lse_ptr, u_tok_ptr,
+    o_rows_ptr, o_lse_ptr, o_tok_ptr, o_w_ptr,
     hid_ptr, stride_hn, stride_hd, D,
-    u_rows_ptr, o_rows_ptr, o_w_ptr, table_ptr, out_ptr,
+    table_ptr, out_ptr,
     BLOCK_U: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
     HAS_HIDDEN: tl.constexpr, PRECISION: tl.constexpr,
 ):
@@ -80,60 +109,53 @@ def _thr_pair_kernel(
     o_start = tl.load(table_ptr + blk * 4 + 2)
     o_cnt = tl.load(table_ptr + blk * 4 + 3)
 
+    # The S tile is [BLOCK_U, BLOCK_O]. Rows past a count repeat the last live row (no row
+    # masks, finite values): their entries are dropped (o) or not stored (u).
     ju = tl.arange(0, BLOCK_U)
-    u_live = ju < u_cnt
-    u_row = tl.load(u_rows_ptr + u_start + ju, mask=u_live, other=0).to(tl.int64)
-    u_base = (u_row // T) * stride_b + (u_row % T) * stride_t
-    lse_u = tl.load(lse_ptr + u_row, mask=u_live, other=0.0)
-    y_u = tl.load(tok_ptr + u_row, mask=u_live, other=0).to(tl.int64)
+    iu = u_start + tl.minimum(ju, u_cnt - 1)
+    u_row = tl.load(u_rows_ptr + iu)
+    u_ptr = logits_ptr + (u_row // T).to(tl.int64) * stride_b + (u_row % T).to(tl.int64) * stride_t
+    lse_u = tl.load(u_lse_ptr + iu)
+    y_u = tl.load(u_tok_ptr + iu)
+    cols = tl.arange(0, BLOCK_V)
 
     acc = tl.zeros([BLOCK_U], dtype=tl.float32)
     for o0 in range(0, o_cnt, BLOCK_O):
-        io = o0 + tl.arange(0, BLOCK_O)
-        o_live = io < o_cnt
-        o_row = tl.load(o_rows_ptr + o_start + io, mask=o_live, other=0).to(tl.int64)
-        o_base = (o_row // T) * stride_b + (o_row % T) * stride_t
-        lse_o = tl.load(lse_ptr + o_row, mask=o_live, other=0.0)
-        y_o = tl.load(tok_ptr + o_row, mask=o_live, other=0).to(tl.int64)
-        w_o = tl.load(o_w_ptr + o_start + io, mask=o_live, other=0.0)
-        pair_live = o_live[:, None] & u_live[None, :]
+        jo = o0 + tl.arange(0, BLOCK_O)
+        io = o_start + tl.minimum(jo, o_cnt - 1)
+        o_row = tl.load(o_rows_ptr + io)
+        o_ptr = logits_ptr + (o_row // T).to(tl.int64) * stride_b + (o_row % T).to(tl.int64) * stride_t
+        lse_o = tl.load(o_lse_ptr + io)
+        y_o = tl.load(o_tok_ptr + io)
 
-        # <π_o, π_u>: stream the vocabulary, probabilities only ever in registers
-        gram = tl.zeros([BLOCK_O, BLOCK_U], dtype=tl.float32)
+        # S = <e_u - π_u, e_o - π_o> over the vocabulary, streamed in tiles (the probabilities
+        # only ever in registers)
+        s = tl.zeros([BLOCK_U, BLOCK_O], dtype=tl.float32)
+        zu_ptrs = u_ptr[:, None] + cols[None, :]
+        zo_ptrs = o_ptr[:, None] + cols[None, :]
         for v0 in range(0, V, BLOCK_V):
-            cols = v0 + tl.arange(0, BLOCK_V)
-            col_live = cols < V
-            z_o = tl.load(logits_ptr + o_base[:, None] + cols[None, :],
-                          mask=o_live[:, None] & col_live[None, :], other=float("-inf")).to(tl.float32)
-            z_u = tl.load(logits_ptr + u_base[:, None] + cols[None, :],
-                          mask=u_live[:, None] & col_live[None, :], other=float("-inf")).to(tl.float32)
-            p_o = tl.exp(z_o - lse_o[:, None])
-            p_u = tl.exp(z_u - lse_u[:, None])
-            gram += tl.dot(p_o, tl.trans(p_u), input_precision=PRECISION)
-
-        # π_u(y_o) and π_o(y_u): gathered logits of each row at the other rows' tokens
-        z_u_yo = tl.load(logits_ptr + u_base[None, :] + y_o[:, None], mask=pair_live, other=float("-inf"))
-        z_o_yu = tl.load(logits_ptr + o_base[:, None] + y_u[None, :], mask=pair_live, other=float("-inf"))
-        pu_yo = tl.exp(z_u_yo.to(tl.float32) - lse_u[None, :])
-        po_yu = tl.exp(z_o_yu.to(tl.float32) - lse_o[:, None])
-        same = tl.where(y_o[:, None] == y_u[None, :], 1.0, 0.0)
-        s = same - pu_yo - po_yu + gram
+            q_u = _e_minus_p(zu_ptrs, y_u - v0, lse_u, cols, V - v0)
+            q_o = _e_minus_p(zo_ptrs, y_o - v0, lse_o, cols, V - v0)
+            s += tl.dot(q_u, tl.trans(q_o), input_precision=PRECISION)
+            zu_ptrs += BLOCK_V
+            zo_ptrs += BLOCK_V
 
         if HAS_HIDDEN:
-            hh = tl.zeros([BLOCK_O, BLOCK_U], dtype=tl.float32)
+            hu_ptr = hid_ptr + u_row.to(tl.int64) * stride_hn
+            ho_ptr = hid_ptr + o_row.to(tl.int64) * stride_hn
+            hh = tl.zeros([BLOCK_U, BLOCK_O], dtype=tl.float32)
             for d0 in range(0, D, BLOCK_D):
                 dc = d0 + tl.arange(0, BLOCK_D)
-                d_live = dc < D
-                h_o = tl.load(hid_ptr + o_row[:, None] * stride_hn + dc[None, :] * stride_hd,
-                              mask=o_live[:, None] & d_live[None, :], other=0.0).to(tl.float32)
-                h_u = tl.load(hid_ptr + u_row[:, None] * stride_hn + dc[None, :] * stride_hd,
-                              mask=u_live[:, None] & d_live[None, :], other=0.0).to(tl.float32)
-                hh += tl.dot(h_o, tl.trans(h_u), input_precision=PRECISION)
+                d_live = (dc < D)[None, :]
+                h_u = tl.load(hu_ptr[:, None] + dc[None, :] * stride_hd, mask=d_live, other=0.0).to(tl.float32)
+                h_o = tl.load(ho_ptr[:, None] + dc[None, :] * stride_hd, mask=d_live, other=0.0).to(tl.float32)
+                hh += tl.dot(h_u, tl.trans(h_o), input_precision=PRECISION)
             s = s * hh
 
-        s = tl.where(pair_live, s, 0.0)
-        acc += tl.sum(s * w_o[:, None], axis=0)
-    tl.store(out_ptr + u_start + ju, acc, mask=u_live)
+        o_live = jo < o_cnt
+        w_o = tl.load(o_w_ptr + o_start + jo, mask=o_live, other=0.0)
+        acc += tl.sum(tl.where(o_live[None, :], s, 0.0) * w_o[None, :], axis=1)
+    tl.store(out_ptr + u_start + ju, acc, mask=ju < u_cnt)
 
 
 def _blocks(group_u_sorted, group_o_sorted, block_u):
@@ -201,7 +223,7 @@ def thr_pair_sums(logits, tokens, u_rows, u_group, o_rows, o_group, o_weight, hi
     o_sorted = o_rows[o_order].contiguous()
     w_sorted = o_weight.to(dev, torch.float32)[o_order].contiguous()
 
-    launch = INTERPRETER_LAUNCH if _interpreting() else GPU_LAUNCH
+    launch = _launch()
     bu = block_u or launch["block_u"]
     bo = block_o or launch["block_o"]
     bv = block_v or launch["block_v"]
@@ -214,12 +236,17 @@ def thr_pair_sums(logits, tokens, u_rows, u_group, o_rows, o_group, o_weight, hi
         hid, shn, shd, d = hidden, hidden.stride(0), hidden.stride(1), hidden.shape[1]
     else:
         hid, shn, shd, d = lse, 0, 0, 0  # never read
+    # per listed row, in group order: the row (int32: N < 2^31), its lse and token (int32: < V)
+    i32 = torch.int32
     _thr_pair_kernel[(table.shape[0],)](
-        logits, t, sb, st, v, lse, tok, hid, shn, shd, d,
-        u_sorted, o_sorted, w_sorted, table, out_sorted,
+        logits, t, sb, st, v,
+        u_sorted.to(i32), lse[u_sorted], tok[u_sorted].to(i32),
+        o_sorted.to(i32), lse[o_sorted], tok[o_sorted].to(i32), w_sorted,
+        hid, shn, shd, d, table, out_sorted,
         BLOCK_U=bu, BLOCK_O=bo, BLOCK_V=bv, BLOCK_D=bd,
         HAS_HIDDEN=hidden is not None, PRECISION=precision,
         num_warps=launch["num_warps"], num_stages=launch["num_stages"],
+        **({"maxnreg": launch["maxnreg"]} if launch["maxnreg"] else {}),  # ROCm's Triton rejects the keyword
     )
     out[u_order] = out_sorted
     return out
