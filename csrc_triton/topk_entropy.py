@@ -21,6 +21,10 @@ from .fmath import log1p, transform
 
 #: The largest K done in registers (the caller falls back to ``torch.topk`` above it).
 MAX_K = 64
+#: ptxas's register cap on CUDA (ROCm's Triton rejects the keyword). Left to itself, Triton 3.6's
+#: ptxas holds float16 logits with soft-cap and temperature at 72 registers and spills 8 bytes on
+#: sm_80/sm_90; allowed 128 it uses 70-107 and none spills (``bench/results/kernels.md``).
+MAXNREG = 128
 
 
 @triton.jit
@@ -85,5 +89,6 @@ def topk_entropy(logits: torch.Tensor, target: torch.Tensor, k: int, ignore_inde
         logits, target, out, 1.0 if softcap is None else float(softcap), 1.0 / temperature,
         *row_offsets(logits.shape, logits.stride()), v_size, ignore_index,
         K=k, KP=max(16, triton.next_power_of_2(k)), BLOCK_V=block,
-        HAS_SOFTCAP=softcap is not None, HAS_TEMPERATURE=temperature != 1.0, num_warps=4)
+        HAS_SOFTCAP=softcap is not None, HAS_TEMPERATURE=temperature != 1.0, num_warps=4,
+        **({} if torch.version.hip is not None else {"maxnreg": MAXNREG}))
     return out
