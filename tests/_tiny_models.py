@@ -66,6 +66,8 @@ TYPE_OVERRIDES = {
         compress_rates={"compressed_sparse_attention": 2, "heavily_compressed_attention": 4}, sliding_window=4,
         o_groups=2, o_lora_rank=16, index_n_heads=4, index_head_dim=8, index_topk=2,
     ),
+    # multi-head latent attention expands the latent KV to every query head (2 KV heads failed)
+    "mistral_large4": {"text_config": dict(num_key_value_heads=4)},
     "gemma3n": {
         "text_config": _GEMMA3N_TEXT,
         "vision_config": dict(vocab_offset=V),

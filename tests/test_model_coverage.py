@@ -30,7 +30,7 @@ MODELS = mappings()
 #: families whose forward transforms the logits or adds a router loss: these must be exact
 MUST_BE_EXACT = ("granite", "granitemoe", "cohere", "cohere2", "gemma2", "falcon_h1", "hyperclovax", "minicpm3",
                  "recurrent_gemma", "mixtral", "qwen2_moe", "gpt_neox", "gpt2", "opt", "llava", "gemma3n", "gemma3n_text",
-                 "deepseek_v4", "gemma4", "gemma4_text")
+                 "deepseek_v4", "gemma4", "gemma4_text", "mistral_large4")
 #: families whose tiny config needs per-type overrides (``_tiny_models.TYPE_OVERRIDES``, the mrope sections,
 #: a stand-in for gemma3n's timm vision tower): exact or refused by name, never untested
 MUST_BE_TESTED = ("qwen2_vl", "qwen2_5_vl", "glm4v", "glm4v_moe", "gemma3n", "gemma3n_text", "llama4",

@@ -449,6 +449,12 @@ def _read_forward(cls) -> _HeadPlan:
             aliases[m.group(1)] = resolve(m.group(2))
         elif (m := re.fullmatch(rf"{logits} = {logits} \* (.+)", t)) and not re.search(rf"\b{logits}\b", m.group(1)):
             plan.transforms.append(("scale", compile_self(resolve(m.group(1)))))
+        elif ((m := re.fullmatch(rf"{logits} = {logits} / (.+)", t)) and not re.search(rf"\b{logits}\b", m.group(1))
+              and i + 2 < len(body) and re.fullmatch(rf"{logits} = (?:nn\.functional|torch)\.tanh\({logits}\)", text[i + 1])
+              and text[i + 2] == f"{logits} = {logits} * {m.group(1)}"):
+            # the soft-cap as three statements (Mistral Large 4): logits / c, tanh, * c
+            plan.transforms.append(("softcap", compile_self(resolve(m.group(1)))))
+            i += 2
         elif (m := re.fullmatch(rf"{logits} = {logits} / (.+)", t)) and not re.search(rf"\b{logits}\b", m.group(1)):
             plan.transforms.append(("scale", compile_self(f"1.0 / ({resolve(m.group(1))})")))
         elif t in (f"{logits} = {logits}.float()",):
