@@ -265,6 +265,13 @@ def test_docs_liger_table_matches_the_lists():
     status = {mt: verdict for verdict, names in lists.items() for mt in names}
     want = {mt: status[mt] if mt in MODELS else "no LM head class" for mt in LIGER_0_8_2}
     assert table == want  # an untested Liger type has no row status to match
+    # the README's summary of the table
+    counts = {v: sum(1 for x in table.values() if x == v) for v in ("exact", "refused")}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "README.md"), encoding="utf-8") as f:
+        readme = " ".join(f.read().split())
+    assert (f"Liger-Kernel 0.8.2 patches that has an LM head class here is tested exact ({counts['exact']}) "
+            f"or refused by name ({counts['refused']}" in readme), counts
 
 
 def test_docs_lists_partition_the_model_types():
