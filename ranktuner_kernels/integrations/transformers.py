@@ -40,7 +40,7 @@ import torch
 import ranktuner_kernels as rk
 import ranktuner_kernels.distributed  # noqa: F401 - rk.distributed.head_cross_entropy
 
-from . import _heads
+from . import _heads, class_built_on_first_use
 
 __all__ = [
     "check_model",
@@ -449,11 +449,9 @@ def _read_forward(cls) -> _HeadPlan:
             aliases[m.group(1)] = resolve(m.group(2))
         elif (m := re.fullmatch(rf"{logits} = {logits} \* (.+)", t)) and not re.search(rf"\b{logits}\b", m.group(1)):
             plan.transforms.append(("scale", compile_self(resolve(m.group(1)))))
-        elif ((m := re.fullmatch(rf"{logits} = {logits} / (.+)", t)) and not re.search(rf"\b{logits}\b", m.group(1))
-              and i + 2 < len(body) and re.fullmatch(rf"{logits} = (?:nn\.functional|torch)\.tanh\({logits}\)", text[i + 1])
-              and text[i + 2] == f"{logits} = {logits} * {m.group(1)}"):
+        elif (cap := _softcap_steps(text[i : i + 3], logits)) is not None:
             # the soft-cap as three statements (Mistral Large 4): logits / c, tanh, * c
-            plan.transforms.append(("softcap", compile_self(resolve(m.group(1)))))
+            plan.transforms.append(("softcap", compile_self(resolve(cap))))
             i += 2
         elif (m := re.fullmatch(rf"{logits} = {logits} / (.+)", t)) and not re.search(rf"\b{logits}\b", m.group(1)):
             plan.transforms.append(("scale", compile_self(f"1.0 / ({resolve(m.group(1))})")))
@@ -513,9 +511,24 @@ def _is_base_call(stmt) -> bool:
             and ast.unparse(value.func).startswith("self.") and value.func.attr not in ("loss_function", "get_decoder"))
 
 
+def _softcap_steps(lines, logits: str) -> str | None:
+    """The cap ``c`` of the three statements ``logits = logits / c`` (or ``logits.float() / c``),
+    ``logits = torch.tanh(logits)`` (or ``nn.functional.tanh``), ``logits = logits * c``, else None."""
+    import re
+
+    if len(lines) != 3:
+        return None
+    m = re.fullmatch(rf"{logits} = {logits}(?:\.float\(\))? / (.+)", lines[0])
+    if (m is None or re.search(rf"\b{logits}\b", m.group(1))
+            or not re.fullmatch(rf"{logits} = (?:nn\.functional|torch)\.tanh\({logits}\)", lines[1])
+            or lines[2] != f"{logits} = {logits} * {m.group(1)}"):
+        return None
+    return m.group(1)
+
+
 def _softcap_block(stmt, logits: str) -> str | None:
-    """The cap's expression of ``if CAP is not None: logits = logits / CAP; logits = torch.tanh(logits);
-    logits = logits * CAP`` (or with ``(c := CAP)``), else None."""
+    """The cap's expression of ``if CAP is not None:`` (or ``(c := CAP) is not None``) around the
+    three soft-cap statements of :func:`_softcap_steps` by that cap, else None."""
     import ast
     import re
 
@@ -524,12 +537,7 @@ def _softcap_block(stmt, logits: str) -> str | None:
     if m is None:
         return None
     name, expr = (m.group(1), m.group(2)) if m.re.groups == 2 else (m.group(1), m.group(1))
-    lines = [ast.unparse(s) for s in stmt.body]
-    want = [[f"{logits} = {logits} / {name}", f"{logits} = {logits}.float() / {name}"],
-            [f"{logits} = torch.tanh({logits})"], [f"{logits} = {logits} * {name}"]]
-    if len(lines) != 3 or any(line not in ok for line, ok in zip(lines, want)):
-        return None
-    return expr
+    return expr if _softcap_steps([ast.unparse(s) for s in stmt.body], logits) == name else None
 
 
 def _aux_block(stmt, text: str):
@@ -1046,7 +1054,8 @@ def _find_meter(source) -> NLLMeter | None:
     return None
 
 
-def _make_callback_class():
+@class_built_on_first_use
+def _callback_class():
     from transformers import TrainerCallback
 
     class NLLLoggingCallback(TrainerCallback):
@@ -1126,14 +1135,7 @@ def _make_callback_class():
             if value is not None and prefixes:
                 metrics[f"{prefixes[0]}_nll"] = value  # the dict predict() returns
 
-    NLLLoggingCallback.__module__ = __name__
-    NLLLoggingCallback.__qualname__ = "NLLLoggingCallback"
     return NLLLoggingCallback
-
-
-@functools.lru_cache(maxsize=None)
-def _callback_class():
-    return _make_callback_class()
 
 
 def __getattr__(name):  # PEP 562: the TrainerCallback subclass is built on first use

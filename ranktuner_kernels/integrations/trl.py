@@ -13,7 +13,6 @@ objective. TRL is an optional dependency (the ``trl`` extra), imported on first 
 
 from __future__ import annotations
 
-import functools
 import inspect
 import warnings
 
@@ -21,6 +20,7 @@ import torch
 
 import ranktuner_kernels as rk
 
+from . import class_built_on_first_use
 from . import transformers as _rkt
 
 __all__ = ["SFTTrainer"]
@@ -54,7 +54,8 @@ def _split_kwargs(trl_init, kwargs: dict) -> tuple[dict, dict]:
     return kwargs, ours
 
 
-def _make_sft_trainer():
+@class_built_on_first_use
+def _sft_trainer_class():
     trl = _import_trl()
     import transformers
 
@@ -165,14 +166,7 @@ def _make_sft_trainer():
                     outputs = model(**{k: v for k, v in inputs.items() if k != "labels"})
             return loss, outputs
 
-    SFTTrainer.__module__ = __name__
-    SFTTrainer.__qualname__ = "SFTTrainer"
     return SFTTrainer
-
-
-@functools.lru_cache(maxsize=None)
-def _sft_trainer_class():
-    return _make_sft_trainer()
 
 
 def __getattr__(name):  # PEP 562: TRL is imported when the class is first asked for
