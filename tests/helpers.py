@@ -1,5 +1,11 @@
-"""Shared test helpers: batches with a realistic spread of p_t, the configs of the registry, error measures."""
+"""Shared test helpers: batches with a realistic spread of p_t, the configs of the registry, error
+measures, the example scripts as modules."""
 
+import importlib.util
+import os
+import sys
+
+import pytest
 import torch
 
 import ranktuner_kernels as rk
@@ -55,3 +61,19 @@ def loss_and_grads(fn, inputs, upstream_seed=1):
     g = upstream_like(loss, upstream_seed).to(loss.dtype)
     (loss * g).sum().backward()
     return loss.detach(), [x.grad.detach().clone() for x in inputs]
+
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "examples")
+
+
+def load_example(name):
+    """``examples/<name>.py`` as the module ``rk_example_<name>``; skips the test outside a source
+    checkout (an installed wheel has no examples/)."""
+    path = os.path.join(EXAMPLES, f"{name}.py")
+    if not os.path.isfile(path):
+        pytest.skip("examples/ is not beside tests/ (not a source checkout)")
+    spec = importlib.util.spec_from_file_location(f"rk_example_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module

@@ -3,28 +3,17 @@ sft, ranktuner and dft fine-tuning on the fused-linear path) must reach a held-o
 accuracy far above the untrained model's (0%) and the pre-trained-only model's, and write its
 outputs. About 45 s on 2 CPU cores."""
 
-import importlib.util
 import os
 import sys
 
 import pytest
 
-EXAMPLES = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "examples")
-
-
-def load_example():
-    if not os.path.isfile(os.path.join(EXAMPLES, "finetune.py")):
-        pytest.skip("examples/ is not beside tests/ (not a source checkout)")
-    spec = importlib.util.spec_from_file_location("rk_example_finetune", os.path.join(EXAMPLES, "finetune.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)  # puts examples/ on sys.path for tiny_lm
-    return module
+from helpers import EXAMPLES, load_example
 
 
 @pytest.mark.slow
 def test_finetune_quick_run_learns(tmp_path):
-    ft = load_example()
+    ft = load_example("finetune")
     cfg = ft.Config(**ft.QUICK)
     cfg.out_dir = str(tmp_path)
     res = ft.run(cfg, quiet=True)
@@ -59,7 +48,7 @@ def test_finetune_quick_run_learns(tmp_path):
 def test_finetune_checkpoint_loads_for_the_inspector(tmp_path):
     """The example's checkpoint format round-trips through the loader the inspector's
     command line uses (fast: a tiny untrained model)."""
-    load_example()
+    load_example("finetune")
     sys.path.insert(0, EXAMPLES)
     import torch
     from tiny_lm import CharTokenizer, TinyLM, TinyLMConfig, load_checkpoint, save_checkpoint
@@ -87,7 +76,7 @@ def test_inspector_says_what_to_run_when_the_checkpoint_is_missing(tmp_path):
     current directory."""
     import subprocess
 
-    load_example()
+    load_example("finetune")
     cmd = [sys.executable, "-m", "ranktuner_kernels.analysis.cli", "--model",
            os.path.join(EXAMPLES, "tiny_lm.py") + ":load_checkpoint", "--checkpoint", str(tmp_path / "tiny_lm_ranktuner.pt"),
            "--prompt", "5+1=?\n", "--text", "5+1=6. A: 6", "--html", str(tmp_path / "out" / "t.html")]

@@ -2,30 +2,19 @@
 ``save_pretrained``) and a character tokenizer built offline: a few Trainer steps with the
 patched (fused) loss, the NLL logging, the evaluation and the plot; LoRA through ``--lora``."""
 
-import importlib.util
 import json
 import os
-import sys
 
 import pytest
 
+from helpers import load_example
+
 pytest.importorskip("transformers")
-EXAMPLES = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "examples")
-
-
-def load():
-    if not os.path.isfile(os.path.join(EXAMPLES, "finetune_hf.py")):
-        pytest.skip("examples/ is not beside tests/ (not a source checkout)")
-    spec = importlib.util.spec_from_file_location("rk_example_finetune_hf", os.path.join(EXAMPLES, "finetune_hf.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
-    hf = load()
+    hf = load_example("finetune_hf")
     root = tmp_path_factory.mktemp("finetune_hf")
     model = hf.make_tiny_model(str(root / "model"))
     train, test = hf.make_demo_data(str(root / "data"))
@@ -53,7 +42,7 @@ def test_demo_data_and_tokenizer(setup):
 
 
 def test_read_jsonl_names_the_bad_line(tmp_path):
-    hf = load()
+    hf = load_example("finetune_hf")
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a"}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:2"):

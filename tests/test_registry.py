@@ -173,18 +173,12 @@ def test_register_refuses_what_cannot_be_right():
     class Inherited(rk.RankTuner):
         pass  # the name is RankTuner's, not its own
 
-    with pytest.raises(TypeError, match="frozen"):
-        rk.weightings.register(NotFrozen)
-    with pytest.raises(TypeError, match="subclass of Weighting"):
-        rk.weightings.register(int)
-    with pytest.raises(ValueError, match="'ranktuner' is taken"):
-        rk.weightings.register(Taken)
-    with pytest.raises(ValueError, match="lower-case identifier"):
-        rk.weightings.register(BadName)
-    with pytest.raises(ValueError, match="lower-case identifier"):
-        rk.weightings.register(Inherited)
-    with pytest.raises(ValueError, match="x must be > 0"):
-        rk.weightings.register(BadVariant)
+    refused = ((NotFrozen, TypeError, "frozen"), (int, TypeError, "subclass of Weighting"),
+               (Taken, ValueError, "'ranktuner' is taken"), (BadName, ValueError, "lower-case identifier"),
+               (Inherited, ValueError, "lower-case identifier"), (BadVariant, ValueError, "x must be > 0"))
+    for cls, error, match in refused:
+        with pytest.raises(error, match=match):
+            rk.weightings.register(cls)
     with pytest.raises(ValueError, match="no weighting named"):
         rk.weightings.unregister("no_such")
     assert rk.weightings.register(rk.RankTuner) is rk.RankTuner  # registering again is a no-op

@@ -5,31 +5,20 @@ The quick run (``--quick``, what CI runs) is compared with the figures committed
 a weighting, the data, the training loop, the evaluation), the test fails and the committed
 figures must be re-made with the command they record."""
 
-import importlib.util
 import json
 import math
 import os
 import statistics
-import sys
 
 import pytest
 
-EXAMPLES = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "examples")
+from helpers import EXAMPLES, load_example
+
 COMMITTED = os.path.join(EXAMPLES, "results", "see_it_matter_quick", "see_it_matter.json")
 
 
-def load(name):
-    if not os.path.isfile(os.path.join(EXAMPLES, f"{name}.py")):
-        pytest.skip("examples/ is not beside tests/ (not a source checkout)")
-    spec = importlib.util.spec_from_file_location(f"rk_example_{name}", os.path.join(EXAMPLES, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_corruption_is_after_the_first_step():
-    sim = load("see_it_matter")
+    sim = load_example("see_it_matter")
     cfg = sim.MatterConfig(n_train=200, n_test=50, seed=3)
     data = sim.make_data(cfg)
     noisy = [(c, r) for (_, c, _), (_, r, n) in zip(data["train"], data["finetune"]) if n]
@@ -45,7 +34,7 @@ def test_corruption_is_after_the_first_step():
 
 
 def test_summarize_mean_and_sample_std():
-    sim = load("see_it_matter")
+    sim = load_example("see_it_matter")
     rows = [{"weighting": w, "accuracy": a, "noisy_sampled": None, "clean_nll": n}
             for w, a, n in [("a", 0.5, 1.0), ("a", 0.7, 2.0), ("a", 0.9, 4.0), ("b", 0.2, 0.5)]]
     s = sim.summarize(rows, ["b", "a", "c"])
@@ -57,7 +46,7 @@ def test_summarize_mean_and_sample_std():
 
 
 def test_quick_writes_to_a_scratch_folder_unless_told():
-    sim, ft = load("see_it_matter"), load("finetune")
+    sim, ft = load_example("see_it_matter"), load_example("finetune")
     repo = os.path.abspath(os.path.join(EXAMPLES, os.pardir))
     cfg, _ = sim.parse_args(["--quick"])
     assert cfg.out_dir == sim.QUICK_OUT and not os.path.abspath(cfg.out_dir).startswith(repo)
@@ -79,7 +68,7 @@ def test_quick_run_reproduces_the_committed_figures(tmp_path):
     compares it with the committed figures: the first steps' mean weights and NLLs to 5e-3 (they
     follow from the weighting code and the pre-trained model), the final figures with room for
     float rounding that grows over training (another CPU's kernels)."""
-    sim = load("see_it_matter")
+    sim = load_example("see_it_matter")
     if not os.path.isfile(COMMITTED):
         pytest.fail(f"{COMMITTED} is missing: run python examples/see_it_matter.py --quick "
                     "--out examples/results/see_it_matter_quick")
