@@ -68,6 +68,7 @@ TYPE_OVERRIDES = {
     ),
     # multi-head latent attention expands the latent KV to every query head (2 KV heads failed)
     "mistral_large4": {"text_config": dict(num_key_value_heads=4)},
+    "glm_moe_dsa": dict(num_key_value_heads=4),
     "gemma3n": {
         "text_config": _GEMMA3N_TEXT,
         "vision_config": dict(vocab_offset=V),
