@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 
-from . import gpu_compile as gc
+from . import gpu_compile, gpu_inventory, gpu_metrics
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS = os.path.join(HERE, "results")
@@ -50,8 +50,8 @@ bf16 logits faster than 2.1e12 / *x* bytes/s at full issue efficiency (at 0.45: 
 
 
 def _record(all_variants: bool, python=None):
-    variants, launches = gc.record_in_subprocess(python)
-    return variants, (variants if all_variants else gc.distinct_kernels(variants)), launches
+    variants, launches = gpu_compile.record_in_subprocess(python)
+    return variants, (variants if all_variants else gpu_metrics.distinct_kernels(variants)), launches
 
 
 def _fmt(x, nd=3):
@@ -64,12 +64,12 @@ def summarize(rows, variants):
     for r in rows:
         v = variants[r["variant"]] if "variant" in r else None
         dtype = v["args"][0][1] if v else ""
-        item = {"kernel": r["name"], "variant": gc.describe(v) if v else "", "target": r["target"],
+        item = {"kernel": r["name"], "variant": gpu_metrics.describe(v) if v else "", "target": r["target"],
                 "triton": r.get("triton", ""), "error": r.get("error")}
         if not r.get("error"):
             item.update(registers=r["registers"], stack=r["stack"], shared=r["shared"], warps=r["num_warps"],
                         block_v=r["constexprs"].get("BLOCK_V"))
-            lp = gc.main_loop(r, ELEM_BYTES.get(dtype, 4)) if r["name"] in gc.ROW_KERNELS else None
+            lp = gpu_metrics.main_loop(r, ELEM_BYTES.get(dtype, 4)) if r["name"] in gpu_inventory.ROW_KERNELS else None
             if lp:
                 item.update(loop_static=lp["static"], loop_fast=lp["fast"], per_elem=lp["per_elem"],
                             warp_per_elem=lp["warp_per_elem"], mufu_per_elem=lp["mufu_per_elem"])
@@ -79,13 +79,13 @@ def summarize(rows, variants):
 
 def spills(table):
     """Rows breaking the rule: a compile error, or stack bytes in a row kernel (any target) or in
-    THR on an NVIDIA target (``gc.must_not_spill``)."""
-    return [t for t in table if t["error"] or (t["stack"] and gc.must_not_spill(t["kernel"], t["target"]))]
+    THR on an NVIDIA target (``gpu_inventory.must_not_spill``)."""
+    return [t for t in table if t["error"] or (t["stack"] and gpu_inventory.must_not_spill(t["kernel"], t["target"]))]
 
 
 def other_stack(table):
     """Other rows with stack bytes (reported, not a failure: THR on gfx942)."""
-    return [t for t in table if not t["error"] and t["stack"] and not gc.must_not_spill(t["kernel"], t["target"])]
+    return [t for t in table if not t["error"] and t["stack"] and not gpu_inventory.must_not_spill(t["kernel"], t["target"])]
 
 
 #: The same measures before the loop rewrite (commit b72bb2e, the code of the last GPU run, 529afee's
@@ -101,7 +101,7 @@ def write_markdown(path, table, meta):
              f"Written by `python -m bench.kernels_report` on {meta['date']} at commit {meta['commit']}: "
              f"{meta['launches']} launches recorded from the library's call paths, {meta['recorded']} distinct, "
              f"{meta['compiled']} compiled per target ({meta['scope']}); Triton {', '.join(meta['tritons'])}; "
-             f"targets {', '.join(meta.get('targets', gc.TARGETS))}.", ""]
+             f"targets {', '.join(meta.get('targets', gpu_inventory.TARGETS))}.", ""]
     head = [t for t in table if t["kernel"] in ("_row_stats_kernel", "_row_grad_kernel") and t["target"] == "sm_90"
             and t["variant"].split()[0] == "bfloat16" and not t.get("error")]
     lines += ["## Headline: the streaming loops, bf16 logits, sm_90", "",
@@ -141,14 +141,14 @@ def main(argv=None):
     ap.add_argument("--python", action="append", default=[],
                     help="another interpreter (another Triton) to compile with, besides this one")
     ap.add_argument("--all", action="store_true", help="every recorded variant (default: one per formula set)")
-    ap.add_argument("--targets", default=",".join(gc.TARGETS))
+    ap.add_argument("--targets", default=",".join(gpu_inventory.TARGETS))
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--record-with", default=None,
                     help="the interpreter that records the launches (default: this one; the launches do not "
                          "depend on the Triton version)")
     ap.add_argument("--out", default=os.path.join(RESULTS, "kernels.md"))
     args = ap.parse_args(argv)
-    why = gc.backends_available()
+    why = gpu_compile.backends_available()
     if why:
         print(f"skipped: {why}")
         return 0
@@ -157,9 +157,9 @@ def main(argv=None):
     print(f"recorded {launches} launches, {len(recorded)} distinct; compiling {len(variants)} per target", flush=True)
     table, tritons = [], []
     for py in [sys.executable] + args.python:
-        version = gc.triton_version(py)
+        version = gpu_compile.triton_version(py)
         tritons.append(version)
-        rows = gc.compile_variants(variants, targets=tuple(args.targets.split(",")), jobs=args.jobs, python=py)
+        rows = gpu_compile.compile_variants(variants, targets=tuple(args.targets.split(",")), jobs=args.jobs, python=py)
         for r in rows:
             r["triton"] = version
         table += summarize(rows, variants)
