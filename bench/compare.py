@@ -7,8 +7,11 @@ Cross-Entropy and F.linear_cross_entropy, measured in one run.
                                                # chunk sizes x acc_policy x weighting, peers on the
                                                # same axes, and each one's bf16 dW/dh error
 
-Writes ``bench/results/<suite>.json`` (device, driver, versions, ceilings, every median) and
-``<suite>.md``; the sweep also writes PNG plots. Each result carries its fraction of the
+Writes ``<suite>.json`` (device, driver, versions, ceilings, every median) and ``<suite>.md``
+to a scratch folder (printed; ``bench/outputs.py``), or with ``--update`` into the committed
+``bench/results/``, merged: the committed rows of this run's toolchain (device, torch, Triton)
+are replaced, those of other toolchains kept, and the Markdown has a section per toolchain.
+The sweep also writes PNG plots (of this run). Each result carries its fraction of the
 hardware floor: FLOPs at the measured matmul rate for the fused-linear path, bytes at the
 measured copy bandwidth for the logits path.
 """
@@ -23,7 +26,7 @@ import sys
 
 import torch
 
-from bench import common
+from bench import common, outputs
 
 HEADS = {"qwen2.5-7b": (3584, 152064), "llama-3-8b": (4096, 128256)}
 
@@ -121,7 +124,55 @@ def fmt_row(r):
 
 
 def markdown(results):
-    env, ceil = results["environment"], results["ceilings"]
+    """The report: one section per toolchain of the rows (a merged report has several), each
+    headed by its environment and ceilings."""
+    envs = results.get("toolchains", {})
+    now = outputs.toolchain(results["environment"])  # this run's, first
+    labels = sorted(dict.fromkeys(r.get("toolchain", now) for r in results["rows"]), key=lambda label: label != now)
+    if labels in ([], [now]):
+        return _markdown_one(results["environment"], results["ceilings"], results["rows"])
+    return "\n".join(f"### {label}\n\n" + _markdown_one(envs[label]["environment"], envs[label]["ceilings"],
+                                                        [r for r in results["rows"] if r.get("toolchain") == label])
+                     for label in labels)
+
+
+def merge_results(committed, results):
+    """``results`` with the committed rows of other toolchains kept (``outputs.merge_rows``), and
+    ``toolchains``: each toolchain's environment and ceilings."""
+    old_label = outputs.toolchain(committed["environment"])
+    old_rows = [dict(r, toolchain=r.get("toolchain", old_label)) for r in committed["rows"]]
+    envs = committed.get("toolchains") or {old_label: {"environment": committed["environment"],
+                                                       "ceilings": committed["ceilings"]}}
+    rows = outputs.merge_rows(old_rows, results["rows"], lambda r: r["toolchain"])
+    labels = dict.fromkeys(r["toolchain"] for r in rows)
+    envs = {**envs, **results["toolchains"]}
+    return dict(results, rows=rows, toolchains={k: envs[k] for k in labels})
+
+
+def save(results, out_dir, update):
+    """Write ``<suite>.json`` and ``<suite>.md`` (merged into the committed ones with ``update``)
+    and the suite's plots of this run to ``out_dir``; returns the merged results."""
+    label = outputs.toolchain(results["environment"])
+    results = dict(results, rows=[dict(r, toolchain=label) for r in results["rows"]],
+                   toolchains={label: {"environment": results["environment"], "ceilings": results["ceilings"]}})
+    path = os.path.join(out_dir, f"{results['suite']}.json")
+    committed = outputs.read_json(path) if update else None
+    written = merge_results(committed, results) if committed else results
+    os.makedirs(out_dir, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(written, f, indent=1)
+    with open(os.path.join(out_dir, f"{results['suite']}.md"), "w") as f:
+        f.write(markdown(written) + "\n")
+    if results["suite"] == "sweep":
+        plots(results, out_dir)
+    if results["suite"] == "frontier":
+        frontier_plot(results, out_dir)
+    print(f"wrote {path} and {results['suite']}.md beside it"
+          + (f" ({len(written['toolchains']) - 1} other toolchain(s) kept)" if len(written["toolchains"]) > 1 else ""))
+    return written
+
+
+def _markdown_one(env, ceil, all_rows):
     lines = [
         f"Device: {env['device']} (driver {env.get('driver')}), torch {env['torch']}, Triton {env['triton']}, "
         f"CUDA {env['cuda']}; Liger-Kernel {env.get('liger_kernel')}, Cut Cross-Entropy {env.get('cut_cross_entropy')}.",
@@ -130,8 +181,8 @@ def markdown(results):
         "",
     ]
     groups = {}
-    errors = [r for r in results["rows"] if r["kind"] == "grad_error"]
-    for r in results["rows"]:
+    errors = [r for r in all_rows if r["kind"] == "grad_error"]
+    for r in all_rows:
         if r["kind"] == "grad_error":
             continue
         key = (r["kind"], r["N"], r.get("D"), r["V"])
@@ -288,11 +339,11 @@ def main(argv=None):
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--no-logits", action="store_true")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    outputs.add_arguments(ap)
     args = ap.parse_args(argv)
+    out_dir = outputs.destination(ap, args)
     if not torch.cuda.is_available():
         sys.exit("bench.compare needs a CUDA GPU; on CPU run `pytest bench/ --benchmark-only`")
-    os.makedirs(args.out, exist_ok=True)
     ceil = common.ceilings()
     results = {"suite": args.suite, "environment": common.environment(), "ceilings": ceil, "rows": []}
 
@@ -329,17 +380,7 @@ def main(argv=None):
                 results["rows"].append({**r, "sweep": "V"})
             for r in bench_logits(8192, v, lg, ceil, args.reps, args.warmup, log):
                 results["rows"].append({**r, "sweep": "V"})
-    path = os.path.join(args.out, f"{args.suite}.json")
-    with open(path, "w") as f:
-        json.dump(results, f, indent=1)
-    md = markdown(results)
-    with open(os.path.join(args.out, f"{args.suite}.md"), "w") as f:
-        f.write(md + "\n")
-    if args.suite == "sweep":
-        plots(results, args.out)
-    if args.suite == "frontier":
-        frontier_plot(results, args.out)
-    print(md)
+    print(markdown(save(results, out_dir, args.update)))
 
 
 if __name__ == "__main__":

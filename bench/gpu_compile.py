@@ -1,10 +1,13 @@
-"""Compile every kernel variant the library launches for GPU targets, on a machine without a GPU.
+"""Compile every kernel variant the library launches for GPU targets, on a machine without a GPU:
+the compile driver. What is recorded and for which targets is the inventory
+(``bench/gpu_inventory.py``); what is measured from a compiled kernel, the report's metrics
+(``bench/gpu_metrics.py``); the report itself is ``python -m bench.kernels_report``.
 
 Two steps, two processes:
 
 1. :func:`record_launches` (in a process with ``TRITON_INTERPRET=1``, as the tests run): the
-   library's public functions run on small CPU tensors (:func:`exercise`: every weighting of
-   the registry, both option sets, three dtypes, both paths, in-place backward,
+   library's public functions run on small CPU tensors (``gpu_inventory.exercise``: every
+   weighting of the registry, both option sets, three dtypes, both paths, in-place backward,
    ``token_stats``, ``logprobs``, ``linear_logprobs``, THR) while every Triton launch is
    recorded (kernel, argument dtypes/values, constexprs, ``num_warps``) and still run by the
    interpreter, so the call paths see real values. A new kernel or switch reached from the
@@ -13,12 +16,16 @@ Two steps, two processes:
    active driver is replaced by one that only reports a ``GPUTarget`` and each recorded launch
    becomes ``JITFunction.warmup`` (a compile, no launch). From the compiled kernel: registers,
    stack (spill) bytes and shared memory (``cuobjdump -res-usage`` on the cubin; the AMDGPU
-   kernel descriptor for gfx942), and the SASS of the hot loop (:func:`loop_counts`).
+   kernel descriptor for gfx942), and the SASS of the hot loop (``gpu_metrics.loop_counts``).
 
 Launch shapes: the vocabulary is 2112 wide (one full 2048 tile, the GPU default, and a
 ragged tail), so the row kernels compile at their production block sizes; THR is recorded
 with its GPU launch (``thr.GPU_LAUNCH``: blocks, warps, stages, ``maxnreg``); for gfx942 a
 launch is compiled as the library makes it on ROCm (:func:`_rocm_launch`).
+
+The subprocesses run this file by its path (``python .../bench/gpu_compile.py --worker`` /
+``--record``), so that the installed ``ranktuner_kernels`` is imported, not the checkout
+folder; its two sibling modules are then imported from its own folder.
 """
 
 from __future__ import annotations
@@ -27,31 +34,15 @@ import contextlib
 import importlib
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile
 
-TARGETS = {
-    "sm_80": ("cuda", 80, 32),
-    "sm_90": ("cuda", 90, 32),
-    "sm_100": ("cuda", 100, 32),
-    "gfx942": ("hip", "gfx942", 64),
-}
-#: Kernels whose hot loop streams one row: they must not spill.
-ROW_KERNELS = ("_row_stats_kernel", "_row_grad_kernel", "_topk_entropy_kernel")
-#: Kernels that must not spill on the NVIDIA targets (gfx942's stack is reported, not a failure).
-NVIDIA_NO_SPILL = ("_thr_pair_kernel",)
-
-
-def must_not_spill(name: str, target: str) -> bool:
-    """Whether stack bytes of kernel ``name`` compiled for ``target`` break the rule."""
-    return name in ROW_KERNELS or (name in NVIDIA_NO_SPILL and target.startswith("sm_"))
-
-
-#: The vocabulary width the launches are recorded at: a full 2048 tile plus a ragged tail, and a
-#: multiple of 16 as LLM vocabularies are (Triton specializes the row strides on it: 16-byte loads).
-V_RECORD = 2112
+if __package__:  # bench.gpu_compile: python -m, the report, the tests
+    from . import gpu_inventory, gpu_metrics
+else:  # run by its path (the subprocesses): its folder is sys.path[0]
+    import gpu_inventory
+    import gpu_metrics
 
 
 def backends_available() -> str | None:
@@ -117,58 +108,13 @@ def record_launches(out: list):
         InterpretedFunction.run = original
 
 
-def exercise():
-    """Run the library's public call paths on small CPU tensors with ``impl="triton"``."""
-    import torch
-
-    import ranktuner_kernels as rk
-    from ranktuner_kernels.kernels import thr as thr_kernels
-
-    g = torch.Generator().manual_seed(0)
-    b, t, v, d = 1, 3, V_RECORD, 8
-    names = sorted(rk.weightings.WEIGHTINGS)
-    option_sets = [{}, dict(softcap=6.0, temperature=1.3, label_smoothing=0.1, z_loss=1e-3)]
-    y = torch.randint(0, v, (b, t), generator=g)
-    y[0, 1] = -100
-    for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        z0 = torch.randn(b, t, v, generator=g).to(dtype)
-        h0 = torch.randn(b, t, d, generator=g).to(dtype)
-        w0 = (torch.randn(v, d, generator=g) / 3).to(dtype)
-        for name in names:
-            for opts in option_sets:
-                weighting = rk.weightings.resolve(name)
-                z = z0.clone().requires_grad_()
-                rk.cross_entropy(z, y, weighting=weighting, impl="triton", **opts).backward()
-                if name == names[0]:  # one weighting suffices for in-place and the linear path's layout
-                    z = z0.clone().requires_grad_()
-                    rk.cross_entropy(z * 1, y, weighting=weighting, impl="triton", inplace_backward=True,
-                                     **opts).backward()
-                h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
-                rk.linear_cross_entropy(h, w, y, weighting=weighting, impl="triton", **opts).backward()
-        for opts in ({}, dict(softcap=6.0, temperature=1.3)):
-            rk.token_stats(z0, y, impl="triton", **opts)
-            rk.logprobs(z0, y, impl="triton", **opts)
-            rk.linear_logprobs(h0, w0, y, impl="triton", **opts)
-        # THR at its GPU default blocks (the interpreter's smaller ones are a CPU speed choice)
-        saved = thr_kernels._interpreting
-        thr_kernels._interpreting = lambda: False
-        try:
-            rows = torch.arange(b * t)
-            grp = torch.zeros(b * t, dtype=torch.long)
-            for hidden in (None, h0.reshape(b * t, d)):
-                rk.rl.thr.thr_pair_sums(z0, y.clamp_min(0).reshape(-1), rows, grp, rows, grp,
-                                        torch.ones(b * t), hidden, impl="triton")
-        finally:
-            thr_kernels._interpreting = saved
-
-
 def record_variants() -> list[dict]:
-    """Distinct launches of :func:`exercise` (needs ``TRITON_INTERPRET=1`` set before Triton's import)."""
+    """Distinct launches of ``gpu_inventory.exercise`` (needs ``TRITON_INTERPRET=1`` set before Triton's import)."""
     if os.environ.get("TRITON_INTERPRET", "0") != "1":
         raise RuntimeError("record_variants: set TRITON_INTERPRET=1 before importing Triton")
     launches: list = []
     with record_launches(launches):
-        exercise()
+        gpu_inventory.exercise()
     seen, variants = set(), []
     for launch in launches:
         key = json.dumps(launch, sort_keys=True)
@@ -240,159 +186,6 @@ def _target_driver(target, index):
     return TargetOnly()
 
 
-def _tool(name):
-    import triton
-
-    return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", name)
-
-
-def _resources_cuda(cubin: bytes, arch: str):
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        res = subprocess.run([_tool("cuobjdump"), "-res-usage", f.name], capture_output=True, text=True, check=True).stdout
-        sass = subprocess.run([_tool("nvdisasm"), "-c", f.name],
-                              capture_output=True, text=True, check=True).stdout
-    fields = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", res))
-    return {"registers": int(fields.get("REG", -1)), "stack": int(fields.get("STACK", -1)),
-            "local": int(fields.get("LOCAL", -1))}, sass
-
-
-def _resources_hip(asm: str):
-    def field(pattern):
-        m = re.search(pattern, asm)
-        return int(m.group(1)) if m else -1
-
-    return {"registers": field(r"\.vgpr_count:\s+(\d+)"),
-            "stack": field(r"\.private_segment_fixed_size:\s+(\d+)"),
-            "local": field(r"\.vgpr_spill_count:\s+(\d+)")}
-
-
-def _ldg_bytes(text):
-    """Bytes per thread of one SASS global load (``LDG.E.128`` 16, ``.64`` 8, ``.U16`` 2, ...)."""
-    op = re.sub(r"^@!?U?P\w+\s+", "", text).split()[0]
-    if not op.startswith("LDG"):
-        return 0
-    for suffix, size in ((".128", 16), (".64", 8), (".U16", 2), (".S16", 2), (".U8", 1), (".S8", 1)):
-        if suffix in op:
-            return size
-    return 4
-
-
-def main_loop(row, elem_bytes):
-    """The streaming loop of a row kernel (the loop loading the most bytes) with its counts per
-    element: ``per_elem`` (instructions per element per thread, on the fast path), ``warp_per_elem``
-    (``per_elem / 32``: warp-instructions per element) and ``mufu_per_elem``; None without one."""
-    loops = [lp for lp in row.get("loops", []) if lp["ldg_bytes"] > 0]
-    if not loops:
-        return None
-    lp = max(loops, key=lambda x: (x["ldg_bytes"], x["static"]))
-    elems = lp["ldg_bytes"] / elem_bytes  # elements per thread per iteration
-    return dict(lp, elems=elems, per_elem=lp["fast"] / elems, warp_per_elem=lp["fast"] / elems / 32,
-                mufu_per_elem=lp["mufu"] / elems)
-
-
-_INSTR = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(.*?);")
-_LABEL = re.compile(r"^\s*(\.L_x_\d+):")
-
-
-def loop_counts(sass: str) -> list[dict]:
-    """The loops of a SASS listing (``nvdisasm -c``): one per backward branch, innermost first.
-
-    Each: ``static`` (instructions from the loop head to the back-edge branch, inclusive),
-    ``fast`` (the shortest path around the loop: forward branches inside it may skip code,
-    such as the statistics loop's rare rescale when the running max grows), ``mufu``
-    (``MUFU`` on that path) and ``ldg``. Counting ignores ``NOP``.
-    """
-    instrs, labels = [], {}
-    for line in sass.splitlines():
-        m = _LABEL.match(line)
-        if m:
-            labels[m.group(1)] = len(instrs)
-            continue
-        m = _INSTR.search(line)
-        if m and not re.match(r"\s*NOP\b", m.group(2)):
-            instrs.append(m.group(2).strip())
-    loops = []
-    for i, text in enumerate(instrs):
-        m = re.search(r"\bBRA\b.*?`?\((\.L_x_\d+)\)", text)
-        if m and m.group(1) in labels and labels[m.group(1)] <= i:
-            head = labels[m.group(1)]
-            loops.append((head, i))
-    out = []
-    for head, tail in loops:
-        # shortest path from head to tail over the loop's instructions (a DAG: forward edges only)
-        n = tail - head + 1
-        inf = float("inf")
-        dist = [inf] * (n + 1)
-        dist[0] = 0
-        mufu = [0] * (n + 1)
-        for k in range(n):
-            if dist[k] == inf:
-                continue
-            text = instrs[head + k]
-            cost = dist[k] + 1
-            is_mufu = 1 if text.split()[0].startswith("MUFU") or " MUFU" in text else 0
-            succ = []
-            m = re.search(r"\bBRA\b.*?`?\((\.L_x_\d+)\)", text)
-            if m and m.group(1) in labels:
-                j = labels[m.group(1)] - head
-                if 0 < j <= n and k < n - 1:
-                    succ.append(j)
-                unconditional = not text.startswith("@")
-                if not unconditional and k + 1 <= n:
-                    succ.append(k + 1)
-                if k == n - 1:
-                    succ.append(n)
-            elif text.split()[0] in ("EXIT", "RET") and not text.startswith("@"):
-                pass
-            else:
-                succ.append(k + 1)
-            for j in succ:
-                if cost < dist[j]:
-                    dist[j] = cost
-                    mufu[j] = mufu[k] + is_mufu
-        body = instrs[head:tail + 1]
-        out.append({"static": n, "fast": dist[n] if dist[n] != inf else n,
-                    "mufu": mufu[n] if dist[n] != inf else sum("MUFU" in s for s in body),
-                    "mufu_static": sum("MUFU" in s for s in body),
-                    "ldg": sum(s.split()[0].startswith("LDG") or " LDG" in s for s in body),
-                    "ldg_bytes": sum(_ldg_bytes(s) for s in body)})
-    out.sort(key=lambda lp: lp["static"])
-    return out
-
-
-#: Launch arguments that only pick the weighting's formula (compiled into a row-level epilogue).
-FORMULA_KEYS = ("FORMULA", "S0", "S1", "S2", "S3")
-
-
-def distinct_kernels(variants):
-    """One variant per kernel, logits dtype and switch set, the weighting's formula aside."""
-    seen, out = set(), []
-    for v in variants:
-        key = json.dumps([v["name"], v["args"][0], {k: x for k, x in v["kwargs"].items() if k not in FORMULA_KEYS}],
-                         sort_keys=True)
-        if key not in seen:
-            seen.add(key)
-            out.append(v)
-    return out
-
-
-def describe(variant):
-    """A short label: logits dtype and the switches that are on (``FORMULA=name``)."""
-    parts = [variant["args"][0][1]]
-    for k, x in sorted(variant["kwargs"].items()):
-        if x[0] == "bool" and x[1]:
-            parts.append(k)
-        elif x[0] == "jit":
-            parts.append(f"{k}={x[2]}")
-        elif x[0] == "str" and k.startswith("S"):
-            parts.append(f"{k}={x[1]}")
-        elif k in ("PRECISION",):
-            parts.append(f"{k}={x[1]}")
-    return " ".join(parts)
-
-
 def _rocm_launch(variant, kw):
     """The recorded launch (the library's on CUDA) as the library makes it on ROCm: no
     ``maxnreg`` (a CUDA option), THR's warps from ``thr.GPU_LAUNCH_ROCM``."""
@@ -413,11 +206,11 @@ def compile_one(variant, target_name):
            "shared": md.shared,
            "constexprs": {k: (x[2] if x[0] == "jit" else x[1] if len(x) > 1 else None) for k, x in variant["kwargs"].items() if x[0] != "float"}}
     if target_name.startswith("sm_"):
-        res, sass = _resources_cuda(kernel.asm["cubin"], target_name)
+        res, sass = gpu_metrics.resources_cuda(kernel.asm["cubin"])
         row.update(res)
-        row["loops"] = loop_counts(sass)
+        row["loops"] = gpu_metrics.loop_counts(sass)
     else:
-        row.update(_resources_hip(kernel.asm["amdgcn"]))
+        row.update(gpu_metrics.resources_hip(kernel.asm["amdgcn"]))
         row["loops"] = []
     return row
 
@@ -427,8 +220,8 @@ def _worker(target_name, variants):
     from triton.runtime import driver
 
     target_name = target_name.split("#")[0]  # "sm_90#2": a share of sm_90's list
-    index = list(TARGETS).index(target_name)
-    driver.set_active(_target_driver(TARGETS[target_name], index))
+    index = list(gpu_inventory.TARGETS).index(target_name)
+    driver.set_active(_target_driver(gpu_inventory.TARGETS[target_name], index))
     rows = []
     for i, variant in enumerate(variants):
         try:
@@ -440,7 +233,7 @@ def _worker(target_name, variants):
     json.dump(rows, sys.stdout)
 
 
-def compile_variants(variants, targets=tuple(TARGETS), jobs=2, python=None, timeout=3600):
+def compile_variants(variants, targets=tuple(gpu_inventory.TARGETS), jobs=2, python=None, timeout=3600):
     """Compile ``variants`` (a list, or a dict ``target -> list``) for each target in
     subprocesses (``jobs`` at a time; ``python``: the interpreter to use, e.g. another venv's
     for another Triton version). A key ``"sm_90#2"`` is a share of a target's work (its own

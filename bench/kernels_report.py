@@ -1,6 +1,7 @@
 """What the kernels compile to on the GPUs people use, measured on a CPU machine.
 
-    python -m bench.kernels_report                       # this Triton; writes bench/results/kernels.md
+    python -m bench.kernels_report                       # this Triton; to a scratch folder (printed)
+    python -m bench.kernels_report --update              # into bench/results/kernels.{md,json}, merged
     python -m bench.kernels_report --python /path/to/other/venv/bin/python   # add another Triton
     python -m bench.kernels_report --all                 # every recorded variant, not one per formula
 
@@ -9,6 +10,11 @@ for sm_80, sm_90, sm_100 and gfx942 with each Triton given. The table: per kerne
 target, registers, stack (spill) bytes, shared memory and, for the row kernels on NVIDIA
 targets, the streaming loop's instructions per element (per thread and per warp) and MUFU
 per element, counted in the SASS (method in the written file).
+
+The report goes to a scratch folder unless ``--update`` (``bench/outputs.py``): then the
+committed ``bench/results/kernels.json`` is merged, its rows of the Triton versions this run
+compiled with replaced and its rows of any other Triton (e.g. 3.6, compiled with another
+interpreter) kept, and ``kernels.md`` is re-written from the merged rows.
 """
 
 from __future__ import annotations
@@ -20,10 +26,9 @@ import subprocess
 import sys
 import time
 
-from . import gpu_compile as gc
+from . import gpu_compile, gpu_inventory, gpu_metrics, outputs
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-RESULTS = os.path.join(HERE, "results")
 ELEM_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 METHOD = """\
@@ -50,8 +55,8 @@ bf16 logits faster than 2.1e12 / *x* bytes/s at full issue efficiency (at 0.45: 
 
 
 def _record(all_variants: bool, python=None):
-    variants, launches = gc.record_in_subprocess(python)
-    return variants, (variants if all_variants else gc.distinct_kernels(variants)), launches
+    variants, launches = gpu_compile.record_in_subprocess(python)
+    return variants, (variants if all_variants else gpu_metrics.distinct_kernels(variants)), launches
 
 
 def _fmt(x, nd=3):
@@ -64,12 +69,12 @@ def summarize(rows, variants):
     for r in rows:
         v = variants[r["variant"]] if "variant" in r else None
         dtype = v["args"][0][1] if v else ""
-        item = {"kernel": r["name"], "variant": gc.describe(v) if v else "", "target": r["target"],
+        item = {"kernel": r["name"], "variant": gpu_metrics.describe(v) if v else "", "target": r["target"],
                 "triton": r.get("triton", ""), "error": r.get("error")}
         if not r.get("error"):
             item.update(registers=r["registers"], stack=r["stack"], shared=r["shared"], warps=r["num_warps"],
                         block_v=r["constexprs"].get("BLOCK_V"))
-            lp = gc.main_loop(r, ELEM_BYTES.get(dtype, 4)) if r["name"] in gc.ROW_KERNELS else None
+            lp = gpu_metrics.main_loop(r, ELEM_BYTES.get(dtype, 4)) if r["name"] in gpu_inventory.ROW_KERNELS else None
             if lp:
                 item.update(loop_static=lp["static"], loop_fast=lp["fast"], per_elem=lp["per_elem"],
                             warp_per_elem=lp["warp_per_elem"], mufu_per_elem=lp["mufu_per_elem"])
@@ -79,13 +84,13 @@ def summarize(rows, variants):
 
 def spills(table):
     """Rows breaking the rule: a compile error, or stack bytes in a row kernel (any target) or in
-    THR on an NVIDIA target (``gc.must_not_spill``)."""
-    return [t for t in table if t["error"] or (t["stack"] and gc.must_not_spill(t["kernel"], t["target"]))]
+    THR on an NVIDIA target (``gpu_inventory.must_not_spill``)."""
+    return [t for t in table if t["error"] or (t["stack"] and gpu_inventory.must_not_spill(t["kernel"], t["target"]))]
 
 
 def other_stack(table):
     """Other rows with stack bytes (reported, not a failure: THR on gfx942)."""
-    return [t for t in table if not t["error"] and t["stack"] and not gc.must_not_spill(t["kernel"], t["target"])]
+    return [t for t in table if not t["error"] and t["stack"] and not gpu_inventory.must_not_spill(t["kernel"], t["target"])]
 
 
 #: The same measures before the loop rewrite (commit b72bb2e, the code of the last GPU run, 529afee's
@@ -96,12 +101,26 @@ BEFORE = ("Before the loop rewrite (b72bb2e, counted the same way; bf16, sm_90, 
           "(4 warps, 3 stages).")
 
 
+def merge_meta(committed: dict, meta: dict, kept_rows: list) -> dict:
+    """``meta`` of this run, with the Triton versions of the committed rows it keeps added to
+    ``tritons`` and, under ``kept``, each one's run (date, commit)."""
+    runs = {t: {"date": committed.get("date"), "commit": committed.get("commit")} for t in committed.get("tritons", [])}
+    runs.update(committed.get("kept", {}))
+    kept = list(dict.fromkeys(r["triton"] for r in kept_rows))
+    return dict(meta, tritons=meta["tritons"] + [t for t in kept if t not in meta["tritons"]],
+                kept={t: runs.get(t, {}) for t in kept})
+
+
 def write_markdown(path, table, meta):
+    kept = meta.get("kept", {})
     lines = ["# Kernels compiled for GPUs (no GPU involved)", "",
              f"Written by `python -m bench.kernels_report` on {meta['date']} at commit {meta['commit']}: "
              f"{meta['launches']} launches recorded from the library's call paths, {meta['recorded']} distinct, "
              f"{meta['compiled']} compiled per target ({meta['scope']}); Triton {', '.join(meta['tritons'])}; "
-             f"targets {', '.join(meta.get('targets', gc.TARGETS))}.", ""]
+             f"targets {', '.join(meta.get('targets', gpu_inventory.TARGETS))}."
+             + "".join(f" The Triton {t} rows are kept from the run of {run.get('date')} at commit {run.get('commit')} "
+                       "(`--update` replaces only the rows of the Triton versions it compiles with)."
+                       for t, run in kept.items()), ""]
     head = [t for t in table if t["kernel"] in ("_row_stats_kernel", "_row_grad_kernel") and t["target"] == "sm_90"
             and t["variant"].split()[0] == "bfloat16" and not t.get("error")]
     lines += ["## Headline: the streaming loops, bf16 logits, sm_90", "",
@@ -141,14 +160,15 @@ def main(argv=None):
     ap.add_argument("--python", action="append", default=[],
                     help="another interpreter (another Triton) to compile with, besides this one")
     ap.add_argument("--all", action="store_true", help="every recorded variant (default: one per formula set)")
-    ap.add_argument("--targets", default=",".join(gc.TARGETS))
+    ap.add_argument("--targets", default=",".join(gpu_inventory.TARGETS))
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--record-with", default=None,
                     help="the interpreter that records the launches (default: this one; the launches do not "
                          "depend on the Triton version)")
-    ap.add_argument("--out", default=os.path.join(RESULTS, "kernels.md"))
+    outputs.add_arguments(ap, "the Markdown file to write, the JSON beside it")
     args = ap.parse_args(argv)
-    why = gc.backends_available()
+    out = outputs.destination(ap, args, "kernels.md")
+    why = gpu_compile.backends_available()
     if why:
         print(f"skipped: {why}")
         return 0
@@ -157,9 +177,9 @@ def main(argv=None):
     print(f"recorded {launches} launches, {len(recorded)} distinct; compiling {len(variants)} per target", flush=True)
     table, tritons = [], []
     for py in [sys.executable] + args.python:
-        version = gc.triton_version(py)
+        version = gpu_compile.triton_version(py)
         tritons.append(version)
-        rows = gc.compile_variants(variants, targets=tuple(args.targets.split(",")), jobs=args.jobs, python=py)
+        rows = gpu_compile.compile_variants(variants, targets=tuple(args.targets.split(",")), jobs=args.jobs, python=py)
         for r in rows:
             r["triton"] = version
         table += summarize(rows, variants)
@@ -169,12 +189,19 @@ def main(argv=None):
     meta = dict(date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), commit=commit, launches=launches,
                 recorded=len(recorded), compiled=len(variants), tritons=tritons, targets=args.targets.split(","),
                 scope="every variant" if args.all else "one per kernel, dtype and switch set; formulas aside")
-    os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    write_markdown(args.out, table, meta)
-    with open(os.path.splitext(args.out)[0] + ".json", "w") as f:
-        json.dump({"meta": meta, "rows": table}, f, indent=1)
     bad = spills(table)
-    print(f"wrote {args.out}; {len(bad)} spills/errors")
+    json_path = os.path.splitext(out)[0] + ".json"
+    committed = outputs.read_json(json_path) if args.update else None
+    if committed:
+        merged = outputs.merge_rows(committed["rows"], table, lambda r: r["triton"])
+        meta = merge_meta(committed["meta"], meta, merged[: len(merged) - len(table)])
+        table = merged
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    write_markdown(out, table, meta)
+    with open(json_path, "w") as f:
+        json.dump({"meta": meta, "rows": table}, f, indent=1)
+    kept = f" (kept the committed rows of Triton {', '.join(meta['kept'])})" if meta.get("kept") else ""
+    print(f"wrote {out} and {json_path}{kept}; {len(bad)} spills/errors in this run")
     return 1 if bad else 0
 
 

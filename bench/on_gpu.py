@@ -1,6 +1,7 @@
 """One command for a short GPU window (about 15 minutes including start-up on one H100/H200).
 
-    python -m bench.on_gpu             # everything below, at most ~8 minutes; writes bench/results/
+    python -m bench.on_gpu             # everything below, at most ~8 minutes; to a scratch folder
+    python -m bench.on_gpu --update    # the same, into bench/results/ (merged: other toolchains' rows stay)
     python -m bench.on_gpu --dry-run   # list the steps with their estimated times (CPU, CI)
 
 Steps, in order (each with its own time limit; a step that no longer fits the budget is
@@ -11,9 +12,11 @@ GPU's ``exp``/``log`` are approximate: the 1e-5 confident-token bound must hold 
 3. the headline of both paths with the peers that are installed (Qwen2.5-7B head, N = 8192),
 4. the fused linear path's memory-time frontier, 5. the THR benchmark.
 
-Writes ``bench/results/on_gpu.json`` (device, versions, commit, each step's status, time and
-log tail) besides what each step writes itself, and prints a one-screen summary of the
-headline against the last GPU run's (``bench/results/headline.json`` as it was before).
+Writes ``on_gpu.json`` (device, versions, commit, each step's status, time and log tail)
+besides what each step writes itself, all to a scratch folder unless ``--update`` (then into
+``bench/results/``, the benchmarks merged by toolchain, ``on_gpu.json`` replaced; see
+``bench/outputs.py``), and prints a one-screen summary of the headline against the last
+committed GPU run's (``bench/results/headline.json`` as it was before).
 """
 
 from __future__ import annotations
@@ -25,9 +28,10 @@ import subprocess
 import sys
 import time
 
+from bench import outputs
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-RESULTS = os.path.join(HERE, "results")
 BUDGET_S = 480
 
 #: (name, command, estimated seconds on an H100, time limit in seconds)
@@ -69,8 +73,10 @@ def _headline_rows(path):
             data = json.load(f)
     except (OSError, ValueError):
         return None, {}
-    rows = {(r.get("kind"), r.get("impl")): r for r in data.get("rows", [])}
-    return data.get("environment", {}), rows
+    env = data.get("environment", {})
+    label = outputs.toolchain(env)  # the rows of the file's last run (a merged file holds others too)
+    rows = {(r.get("kind"), r.get("impl")): r for r in data.get("rows", []) if r.get("toolchain", label) == label}
+    return env, rows
 
 
 def summary(before, after) -> str:
@@ -95,23 +101,29 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dry-run", action="store_true", help="list the steps and their estimated times, run nothing")
     ap.add_argument("--budget", type=float, default=BUDGET_S, help="seconds for all steps together")
+    ap.add_argument("--update", action="store_true", help="write into the committed bench/results/ (merged by "
+                                                           "toolchain), not to the scratch folder")
     args = ap.parse_args(argv)
+    out_dir = outputs.RESULTS if args.update else outputs.SCRATCH
+    steps_to_run = [(name, cmd + (["--update"] if args.update and "bench.compare" in cmd else []), est, limit)
+                    for name, cmd, est, limit in STEPS]
     total = sum(s[2] for s in STEPS)
     if args.dry_run:
-        for name, cmd, est, limit in STEPS:
+        for name, cmd, est, limit in steps_to_run:
             print(f"{est:4d} s (limit {limit:3d} s)  {name}: {' '.join('python' if c == sys.executable else c for c in cmd)}")
         print(f"{total:4d} s estimated in all (budget {args.budget:.0f} s)")
+        print(f"writes to {out_dir}")
         return 0 if total <= args.budget else 1
     import torch
 
     if not torch.cuda.is_available():
         print("bench.on_gpu: no CUDA device (use --dry-run on a CPU machine)")
         return 2
-    before = _headline_rows(os.path.join(RESULTS, "headline.json"))
+    before = _headline_rows(os.path.join(outputs.RESULTS, "headline.json"))
     env = _environment()
     t0 = time.time()
     steps = []
-    for name, cmd, est, limit in STEPS:
+    for name, cmd, est, limit in steps_to_run:
         left = args.budget - (time.time() - t0)
         if left < est:
             steps.append({"step": name, "status": "skipped", "why": f"{left:.0f} s left of the budget, {est} s estimated"})
@@ -126,10 +138,11 @@ def main(argv=None):
         took = time.time() - start
         steps.append({"step": name, "status": status, "seconds": round(took, 1), "estimate": est, "log_tail": log[-4000:]})
         print(f"-- {name}: {status} in {took:.0f} s (estimated {est})", flush=True)
-    os.makedirs(RESULTS, exist_ok=True)
-    with open(os.path.join(RESULTS, "on_gpu.json"), "w") as f:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "on_gpu.json"), "w") as f:
         json.dump({"environment": env, "seconds": round(time.time() - t0, 1), "steps": steps}, f, indent=1)
-    print(summary(before, _headline_rows(os.path.join(RESULTS, "headline.json"))))
+    print(summary(before, _headline_rows(os.path.join(out_dir, "headline.json"))))
+    print(f"wrote {os.path.join(out_dir, 'on_gpu.json')} (and the steps' reports beside it)")
     return 0 if all(s["status"] == "ok" for s in steps) else 1
 
 

@@ -202,8 +202,8 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"no checkpoint {str(path)!r}: the example checkpoints are written by a full run of the example "
-            "(`python examples/finetune.py` writes examples/results/tiny_lm_{pretrained,sft,ranktuner,dft}.pt; "
-            "`--out-dir DIR` writes them to DIR). Run it first, or pass --checkpoint a file it wrote.")
+            "(`python examples/finetune.py --out DIR` writes DIR/tiny_lm_{pretrained,sft,ranktuner,dft}.pt; "
+            "without --out, to the scratch folder it prints). Run it first, or pass --checkpoint a file it wrote.")
     ckpt = torch.load(path, map_location=map_location, weights_only=True)
     tok = CharTokenizer(ckpt["alphabet"])
     model = TinyLM(TinyLMConfig(**ckpt["config"]))

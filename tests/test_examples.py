@@ -37,6 +37,7 @@ def test_finetune_quick_run_learns(tmp_path):
     files = res["files"]
     for key in ("base", "sft", "ranktuner", "dft", "inspect_html", "results"):
         assert os.path.getsize(files[key]) > 0, key
+    assert all(os.path.dirname(path) == str(tmp_path) for path in files.values()), files  # cfg.out_dir only
     try:
         import matplotlib  # noqa: F401
     except ImportError:
@@ -85,3 +86,21 @@ def test_inspector_says_what_to_run_when_the_checkpoint_is_missing(tmp_path):
     assert "Traceback" not in proc.stderr
     assert "python examples/finetune.py" in proc.stderr and "tiny_lm_ranktuner.pt" in proc.stderr
     assert os.listdir(tmp_path) == []
+
+
+def test_finetune_writes_to_a_scratch_folder_unless_updating():
+    """The example's output folder (the only one ``run`` writes to, checked above): by default a
+    scratch folder outside the checkout, never the committed ``examples/results``; ``--update``
+    writes that (the full run only: refused with ``--quick``, ``--out``, ``--out-dir``, ``--no-save``)."""
+    ft = load_example("finetune")
+    repo = os.path.abspath(os.path.join(EXAMPLES, os.pardir))
+    assert ft.Config().out_dir == ft.SCRATCH_OUT
+    for argv in ([], ["--quick"], ["--steps", "3", "--quiet"]):
+        out = os.path.abspath(ft.parse_args(argv)[0].out_dir)
+        assert not out.startswith(repo + os.sep), (argv, out)
+    cfg, _ = ft.parse_args(["--update"])
+    assert cfg.out_dir == ft.RESULTS == os.path.join("examples", "results") and cfg.save
+    for argv in (["--update", "--quick"], ["--update", "--out", "x"], ["--update", "--out-dir", "x"],
+                 ["--update", "--no-save"]):
+        with pytest.raises(SystemExit):
+            ft.parse_args(argv)

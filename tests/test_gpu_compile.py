@@ -3,7 +3,7 @@ and keep their registers: no stack in the row kernels (any target) nor in THR on
 and sm_100 (THR's stack on gfx942 is reported by ``bench.kernels_report``, not tested).
 
 The launches are recorded from the public functions under the interpreter
-(``bench/gpu_compile.py``: every weighting of the registry, both option sets, three dtypes,
+(``bench/gpu_inventory.py``: every weighting of the registry, both option sets, three dtypes,
 both paths, in-place, token_stats, logprobs, linear_logprobs, THR), then compiled by
 subprocesses for sm_80, sm_90, sm_100 and gfx942 with a driver that only reports the
 target. To keep CI within a few minutes: every recorded variant for sm_90, and for the other
@@ -12,7 +12,6 @@ targets one bf16 variant per kernel and switch set (the weighting's formula asid
 one-command GPU window's ``--dry-run``.
 """
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -22,11 +21,6 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _bench_module(name):
-    spec = importlib.util.spec_from_file_location(f"_bench_{name}", os.path.join(ROOT, "bench", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 def test_on_gpu_dry_run_lists_every_step_within_budget():
@@ -39,8 +33,12 @@ def test_on_gpu_dry_run_lists_every_step_within_budget():
 
 
 @pytest.mark.slow
-def test_every_kernel_compiles_for_every_target_without_spills():
-    gc = _bench_module("gpu_compile")
+def test_every_kernel_compiles_for_every_target_without_spills(monkeypatch):
+    monkeypatch.syspath_prepend(ROOT)  # the bench package, from the checkout
+    from bench import gpu_compile as gc
+    from bench.gpu_inventory import must_not_spill
+    from bench.gpu_metrics import describe, distinct_kernels
+
     why = gc.backends_available()
     if why:
         pytest.skip(why)
@@ -49,7 +47,7 @@ def test_every_kernel_compiles_for_every_target_without_spills():
     variants, launches = gc.record_variants()
     names = {v["name"] for v in variants}
     assert {"_row_stats_kernel", "_row_grad_kernel", "_topk_entropy_kernel", "_thr_pair_kernel"} <= names, names
-    others = [v for v in gc.distinct_kernels(variants) if v["args"][0][1] == "bfloat16"]
+    others = [v for v in distinct_kernels(variants) if v["args"][0][1] == "bfloat16"]
     half = len(variants) // 2  # sm_90's list in two processes, for the two cores
     plan = {"sm_90#1": variants[:half], "sm_90#2": variants[half:], "sm_80": others, "sm_100": others,
             "gfx942": others}
@@ -57,6 +55,6 @@ def test_every_kernel_compiles_for_every_target_without_spills():
     errors = [f"{r['target']} {r['name']}: {r['error']}" for r in rows if r.get("error")]
     assert not errors, "\n".join(errors)
     assert len(rows) == sum(len(v) for v in plan.values())
-    spills = [(r["target"], r["name"], gc.describe(plan[r["key"]][r["variant"]]), r["stack"]) for r in rows
-              if r["stack"] and gc.must_not_spill(r["name"], r["target"])]
+    spills = [(r["target"], r["name"], describe(plan[r["key"]][r["variant"]]), r["stack"]) for r in rows
+              if r["stack"] and must_not_spill(r["name"], r["target"])]
     assert not spills, spills

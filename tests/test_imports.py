@@ -129,5 +129,6 @@ def test_the_core_layers():
     losses = {f"ranktuner_kernels.{m}" for m in ("token_loss", "linear_loss", "token_logprobs")}
     for loss in losses:
         assert not graph[loss] & losses, (loss, graph[loss] & losses)
-    for core in ("_call", "_chunks", "_dispatch", "_distributed", "_inputs", "_params", "_terms", "weightings"):
+    for core in ("_call", "_chunks", "_dispatch", "_distributed", "_inputs", "_params", "_terms", "_registry",
+                 "weightings"):
         assert not graph[f"ranktuner_kernels.{core}"] & losses, core

@@ -55,7 +55,7 @@ def test_quick_writes_to_a_scratch_folder_unless_told():
     cfg, _ = ft.parse_args(["--quick"])
     assert cfg.out_dir == ft.QUICK_OUT and not os.path.abspath(cfg.out_dir).startswith(repo)
     assert ft.parse_args(["--quick", "--out", "y"])[0].out_dir == "y"
-    assert ft.parse_args([])[0].out_dir == "examples/results"
+    assert ft.parse_args([])[0].out_dir == ft.SCRATCH_OUT and ft.parse_args(["--update"])[0].out_dir == ft.RESULTS
 
 
 def _close(a, b, rel, abs_):

@@ -1,8 +1,9 @@
 """Looking at a model through the per-token statistics, beside the losses (nothing here is on
 a training path):
 
-* :mod:`.render`, the token inspector's renderer: ``rk.inspect`` (per-token ``p_t``, ``H_t``,
-  rank, the Relative Rank Indicator and a weighting's weight as HTML, PNG and a table);
+* :mod:`.render`, the token inspector: ``rk.inspect`` (per-token ``p_t``, ``H_t``, rank, the
+  Relative Rank Indicator and a weighting's weight), one module per output: :mod:`.render_html`,
+  :mod:`.render_png`, :mod:`.render_table` (the first two share :mod:`.style`, the colours);
 * :mod:`.cli`, its command line: ``python -m ranktuner_kernels.analysis.cli --help``;
 * :mod:`.noise_metric`, the paper's metric: ``rk.noise_sensitivity``, the noise-sensitivity
   diagnostic of the RankTuner paper (App. B.3);

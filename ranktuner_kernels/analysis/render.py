@@ -1,7 +1,9 @@
-"""The token inspector's renderer: per-token ``p_t``, ``H_t``, rank ``R_t``, the Relative Rank
-Indicator ``I_t`` and a weighting's weight ``w_t``, rendered as a colour-coded self-contained
-HTML page, a PNG in the layout of the RankTuner paper's Fig. 1/4 (rows of coloured tokens) and
-a compact terminal table.
+"""The token inspector: per-token ``p_t``, ``H_t``, rank ``R_t``, the Relative Rank Indicator
+``I_t`` and a weighting's weight ``w_t`` (:func:`inspect`, ``rk.inspect``), computed into an
+:class:`Inspection` and rendered by one module per output: a colour-coded self-contained HTML
+page (:mod:`.render_html`), a PNG in the layout of the RankTuner paper's Fig. 1/4, rows of
+coloured tokens (:mod:`.render_png`), and a compact terminal table (:mod:`.render_table`); the
+two graphical outputs share their colour scales (:mod:`.style`).
 
     import ranktuner_kernels as rk
     res = rk.inspect(model, token_ids, tokens, labels=labels, weighting=rk.RankTuner(),
@@ -16,22 +18,12 @@ paper's Algorithm 1 (and SPEC.md), ``E[R_t]`` is replaced by its entropy lower b
 (paper Eq. 5), see :func:`.indicator.relative_rank_terms`. ``I_t = 1`` is the neutral value (the target
 ranks where the entropy says it should); ``I_t > 1``: the target ranks better than expected;
 ``I_t < 1``: worse. Since ``R_t >= 1`` and ``s >= 1``, ``I_t`` lies in ``(1/2, 2]``.
-
-Colours (paper Fig. 4): blue = larger, red = smaller, white = the neutral middle; ``H_t`` and
-``R_t`` are reversed (blue = low entropy / rank 1). ``p_t`` maps ``[0, 1]`` linearly;
-``H_t`` maps ``[0, max H_t on the page]`` (relative magnitude, as in the paper); ``I_t`` maps
-``log2 I_t`` over ``[-1, 1]`` (1 is white: normalised around the neutral value); ``R_t`` maps
-``log2 R_t`` over ``[0, log2 max R_t]``; ``w_t`` maps ``log2(w_t / mean w)`` over ``[-2, 2]``
-(white = the page's mean weight; a weighting with ``w = 1`` everywhere is all white).
 """
 
 from __future__ import annotations
 
-import html as _html
-import math
 import sys
-import textwrap
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -39,7 +31,9 @@ import torch
 
 from ..token_loss import cross_entropy
 from ..weightings import describe
+from . import render_html, render_png, render_table
 from .indicator import model_logits, relative_rank_terms
+from .style import display_text, row_scales
 
 __all__ = ["inspect", "Inspection"]
 
@@ -53,49 +47,14 @@ def _model_device(model):
     return torch.device("cpu")
 
 
-# ----------------------------------------------------------------------------- colour scales
-
-_RED, _WHITE, _BLUE = (0.843, 0.188, 0.153), (0.969, 0.969, 0.969), (0.271, 0.459, 0.706)
-_GREY = (0.85, 0.85, 0.85)
-
-
-def _colour(t: float) -> tuple:
-    """Red (t=0) -> white (0.5) -> blue (1); NaN -> grey."""
-    if t is None or not math.isfinite(t):
-        return _GREY
-    t = min(max(t, 0.0), 1.0)
-    a, b, u = (_RED, _WHITE, t * 2) if t < 0.5 else (_WHITE, _BLUE, t * 2 - 1)
-    return tuple(x + (y - x) * u for x, y in zip(a, b))
-
-
-def _hex(rgb) -> str:
-    return "#" + "".join(f"{round(255 * c):02x}" for c in rgb)
-
-
-@dataclass
-class _Scale:
-    key: str
-    label: str          # plain text
-    note: str           # what the colours mean
-    lo: float
-    hi: float
-    transform: Callable  # value -> scale coordinate in [lo, hi]; lo = red, hi = blue
-    ticks: list = field(default_factory=list)  # (value, label)
-
-    def t(self, value: float) -> float:
-        if value is None or not math.isfinite(value):
-            return float("nan")
-        x = self.transform(value)
-        return (x - self.lo) / (self.hi - self.lo) if self.hi > self.lo else 0.5
-
-
 # ----------------------------------------------------------------------------- the result
 
 @dataclass
 class Inspection:
     """Per-position results of :func:`inspect`; arrays have one entry per shown token, NaN
     where the position has no prediction (the first token of a causal text) or its target is
-    ignored."""
+    ignored. Its outputs: :meth:`table` (terminal), :meth:`to_html` / :meth:`save_html`,
+    :meth:`save_png`."""
 
     tokens: list
     target: np.ndarray        # int64, ignore_index where not scored
@@ -112,214 +71,43 @@ class Inspection:
     html_path: Optional[str] = None
     png_path: Optional[str] = None
 
+    #: a token as the HTML and the PNG show it (:func:`.style.display_text`)
+    _display = staticmethod(display_text)
+
     def __len__(self):
         return len(self.tokens)
 
-    # -- scales
     def scales(self) -> dict:
-        kept = self.kept
-        h_max = float(np.nanmax(self.entropy_bits[kept])) if kept.any() else 1.0
-        h_max = max(h_max, 1e-3)
-        r_max = float(np.nanmax(self.rank[kept])) if kept.any() else 2.0
-        lr_max = max(math.log2(max(r_max, 2.0)), 1e-3)
-        w_mean = float(np.nanmean(self.weight[kept])) if kept.any() else 1.0
-        w_mean = w_mean if w_mean > 0 and math.isfinite(w_mean) else 1.0
-
-        def log_w(w):
-            return math.log2(w / w_mean) if w > 0 else -2.0
-
-        return {
-            "p_t": _Scale("p_t", "p_t", "target probability; blue = larger", 0.0, 1.0, lambda v: v,
-                          [(0.0, "0"), (0.5, "0.5"), (1.0, "1")]),
-            "entropy": _Scale("entropy", "H_t (bits)", f"entropy, reversed: blue = low; red = the page's max {h_max:.2f} bits",
-                              0.0, 1.0, lambda v: 1.0 - v / h_max,
-                              [(0.0, "0"), (h_max / 2, f"{h_max / 2:.2g}"), (h_max, f"{h_max:.2g}")]),
-            "indicator": _Scale("indicator", "I_t", "Relative Rank Indicator, log scale around the neutral 1; blue = larger",
-                                -1.0, 1.0, lambda v: math.log2(v) if v > 0 else -1.0,
-                                [(0.5, "0.5"), (1.0, "1"), (2.0, "2")]),
-            "rank": _Scale("rank", "R_t", f"target rank, log scale, reversed: blue = rank 1; red = the page's max {r_max:g}",
-                           0.0, 1.0, lambda v: 1.0 - math.log2(max(v, 1.0)) / lr_max,
-                           [(1.0, "1"), (max(r_max, 2.0), f"{max(r_max, 2.0):g}")]),
-            "weight": _Scale("weight", f"w_t ({self.weighting})",
-                             f"weight, log2(w / mean w) over [-2, 2]; white = the mean {w_mean:.3g}; blue = larger",
-                             -2.0, 2.0, log_w,
-                             [(w_mean / 4, f"{w_mean / 4:.2g}"), (w_mean, f"{w_mean:.2g}"), (w_mean * 4, f"{w_mean * 4:.2g}")]),
-        }
+        """The colour scale of each row (:func:`.style.row_scales`)."""
+        return row_scales(self)
 
     def values(self, key: str) -> np.ndarray:
         return {"p_t": self.p_t, "entropy": self.entropy_bits, "indicator": self.indicator,
                 "rank": self.rank, "weight": self.weight}[key]
 
-    # -- terminal
     def table(self, max_rows: Optional[int] = 60) -> str:
         """A compact text table, one row per position (the first ``max_rows``, ``None``: all)."""
-        head = f"{'pos':>5}  {'token':<12} {'p_t':>7} {'H_bits':>7} {'rank':>6} {'s(H)':>6} {'I_t':>6} {'weight':>8}"
-        lines = [f"{self.title}: weighting {self.weighting}, {int(self.kept.sum())} of {len(self)} tokens scored",
-                 head, "-" * len(head)]
-        n = len(self) if max_rows is None else min(len(self), max_rows)
-        for i in range(n):
-            tok = repr(self.tokens[i])[1:-1]
-            tok = tok if len(tok) <= 12 else tok[:11] + "…"
-            if self.kept[i]:
-                lines.append(f"{i:>5}  {tok:<12} {self.p_t[i]:>7.4f} {self.entropy_bits[i]:>7.3f} {int(self.rank[i]):>6d} "
-                             f"{self.s[i]:>6.2f} {self.indicator[i]:>6.3f} {self.weight[i]:>8.4f}")
-            else:
-                lines.append(f"{i:>5}  {tok:<12} {'-':>7} {'-':>7} {'-':>6} {'-':>6} {'-':>6} {'-':>8}")
-        if n < len(self):
-            lines.append(f"  ... {len(self) - n} more positions (max_rows={max_rows})")
-        if self.kept.any():
-            k = self.kept
-            lines.append(f"mean over scored tokens: p_t {np.mean(self.p_t[k]):.4f}  H {np.mean(self.entropy_bits[k]):.3f} bits  "
-                         f"I_t {np.mean(self.indicator[k]):.3f}  weight {np.mean(self.weight[k]):.4f}")
-        return "\n".join(lines)
-
-    # -- HTML
-    def _tooltip(self, i: int) -> str:
-        if not self.kept[i]:
-            return f"#{i} {self.tokens[i]!r}: not scored"
-        return (f"#{i} {self.tokens[i]!r}  p_t={self.p_t[i]:.4g}  H={self.entropy_bits[i]:.4g} bits  "
-                f"R={int(self.rank[i])}  s(H)={self.s[i]:.4g}  I_t={self.indicator[i]:.4g}  w={self.weight[i]:.4g}")
-
-    @staticmethod
-    def _display(tok: str) -> str:
-        return (tok.replace("\r\n", "↵").replace("\n", "↵").replace("\r", "↵").replace("\t", "⇥")) if tok else "∅"
+        return render_table.table(self, max_rows)
 
     def to_html(self, rows: Sequence[str] = ("p_t", "entropy", "indicator", "rank", "weight")) -> str:
         """The whole page as one string: inline CSS, no scripts, no external resources; every
         token's text is HTML-escaped."""
-        esc = _html.escape
-        scales = self.scales()
-        parts = [
-            "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
-            f"<title>{esc(self.title)}</title>",
-            "<style>",
-            "body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:1.5em;max-width:70em;color:#222}",
-            ".row{font-family:ui-monospace,SFMono-Regular,Menlo,Consolas,monospace;font-size:14px;line-height:1.9;"
-            "white-space:pre-wrap;overflow-wrap:anywhere;border:1px solid #ddd;padding:.5em;border-radius:4px}",
-            ".row span{border-radius:2px;padding:1px 0}",
-            ".ign{color:#888;background:#e6e6e6}",
-            ".bar{display:inline-block;width:16em;height:.9em;vertical-align:middle;border:1px solid #aaa;"
-            f"background:linear-gradient(to right,{_hex(_RED)},{_hex(_WHITE)},{_hex(_BLUE)})}}",
-            "table{border-collapse:collapse;font-family:ui-monospace,Menlo,Consolas,monospace;font-size:12px}",
-            "td,th{border:1px solid #ddd;padding:1px 6px;text-align:right}td.tok{text-align:left}",
-            "h2{font-size:1.05em;margin:1.2em 0 .3em}.note{color:#555;font-size:.9em}",
-            "</style></head><body>",
-            f"<h1>{esc(self.title)}</h1>",
-            f"<p class=\"note\">weighting <b>{esc(self.weighting)}</b>; {int(self.kept.sum())} of {len(self)} tokens scored "
-            f"(grey: no prediction or ignored target); vocabulary {self.vocab_size}. Hover a token for all its numbers. "
-            "I<sub>t</sub> = 2^(f(R<sub>t</sub>) &minus; f(s(H<sub>t</sub>))), f(x) = 1/log<sub>2</sub>(x+1) "
-            "(paper Eq. 2 with E[R] replaced by its entropy bound s(H)).</p>",
-        ]
-        for key in rows:
-            sc = scales[key]
-            vals = self.values(key)
-            parts.append(f"<h2>{esc(sc.label)} <span class=\"note\">{esc(sc.note)}</span></h2>")
-            ticks = " ".join(esc(lbl) for _, lbl in sc.ticks)
-            parts.append(f"<div class=\"note\"><span class=\"bar\"></span> {ticks}</div>")
-            spans = []
-            for i, tok in enumerate(self.tokens):
-                text = esc(self._display(tok))
-                if tok and "\n" in tok:
-                    text += "<br>"
-                title = esc(self._tooltip(i), quote=True)
-                if self.kept[i]:
-                    spans.append(f'<span style="background:{_hex(_colour(sc.t(float(vals[i]))))}" title="{title}">{text}</span>')
-                else:
-                    spans.append(f'<span class="ign" title="{title}">{text}</span>')
-            parts.append('<div class="row">' + "".join(spans) + "</div>")
-        parts.append("<details><summary>All numbers</summary><table><tr><th>pos</th><th>token</th><th>target id</th>"
-                     "<th>p_t</th><th>H (bits)</th><th>R</th><th>s(H)</th><th>I_t</th><th>w</th></tr>")
-        for i, tok in enumerate(self.tokens):
-            cells = ([f"{self.p_t[i]:.4g}", f"{self.entropy_bits[i]:.4g}", f"{int(self.rank[i])}", f"{self.s[i]:.4g}",
-                      f"{self.indicator[i]:.4g}", f"{self.weight[i]:.4g}"] if self.kept[i] else ["-"] * 6)
-            parts.append(f"<tr><td>{i}</td><td class=\"tok\">{esc(repr(tok))}</td><td>{int(self.target[i])}</td>"
-                         + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
-        parts.append("</table></details></body></html>")
-        return "\n".join(parts)
+        return render_html.to_html(self, rows)
 
     def save_html(self, path) -> str:
-        with open(path, "w", encoding="utf-8") as f:
-            f.write(self.to_html())
-        self.html_path = str(path)
+        self.html_path = render_html.save_html(self, path)
         return self.html_path
 
-    # -- PNG
     def _layout(self, line_chars: int):
-        """``[(token index, line, column, text)]`` pieces, wrapping at ``line_chars``
-        columns; a newline token ends its line; a token longer than a line is split."""
-        pieces, line, col = [], 0, 0
-        for i, tok in enumerate(self.tokens):
-            text = self._display(tok)
-            if col > 0 and col + len(text) > line_chars:
-                line, col = line + 1, 0
-            while len(text) > line_chars:
-                pieces.append((i, line, col, text[:line_chars]))
-                text, line, col = text[line_chars:], line + 1, 0
-            pieces.append((i, line, col, text))
-            col += len(text)
-            if tok and "\n" in tok:
-                line, col = line + 1, 0
-        return pieces, (line + 1 if col > 0 or not pieces else line)
+        """The PNG's token pieces and line count (:func:`.render_png.layout`)."""
+        return render_png.layout(self, line_chars)
 
     def save_png(self, path, rows: Sequence[str] = ("p_t", "entropy", "indicator"), line_chars: int = 100,
                  fontsize: float = 10.0, dpi: int = 150) -> str:
         """The paper's layout (Fig. 4): one panel of coloured tokens per row in ``rows``
         (default ``p_t``, ``H_t``, ``I_t``; add ``"weight"`` or ``"rank"``), each with its
         colour bar; long texts wrap at ``line_chars`` columns. Needs matplotlib."""
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.colorbar import ColorbarBase
-        from matplotlib.colors import LinearSegmentedColormap, Normalize
-        from matplotlib.figure import Figure
-        from matplotlib.patches import Rectangle
-
-        scales = self.scales()
-        bad = [r for r in rows if r not in scales]
-        if bad or not rows:
-            raise ValueError(f"rows: expected some of {list(scales)}, got {list(rows)}")
-        if not isinstance(line_chars, int) or line_chars < 8:
-            raise ValueError(f"line_chars: expected an int >= 8, got {line_chars!r}")
-        pieces, n_lines = self._layout(line_chars)
-        n_lines = max(n_lines, 1)
-        char_w = 0.6021 * fontsize / 72  # DejaVu Sans Mono advance, inches
-        line_h = 1.55 * fontsize / 72
-        panel_h = n_lines * line_h
-        head_h, bar_h, gap_h, margin = 0.32, 0.42, 0.18, 0.25
-        cols = max(line_chars, 96)  # room for the panel notes and the title
-        fw = cols * char_w + 2 * margin
-        title = textwrap.wrap(f"{self.title}  ({self.weighting})", width=int(cols * 0.95)) or [""]
-        title_h = 0.12 + 0.25 * len(title)
-        height = len(rows) * (head_h + panel_h + bar_h + gap_h) + title_h
-        fig = Figure(figsize=(fw, height), dpi=dpi)
-        FigureCanvasAgg(fig)
-        cmap = LinearSegmentedColormap.from_list("rk_rwb", [_RED, _WHITE, _BLUE])
-        fig.text(margin / fw, 1 - 0.08 / height, "\n".join(title), fontsize=fontsize + 1, va="top", ha="left",
-                 parse_math=False)
-        y_top = height - title_h
-        for key in rows:
-            sc = scales[key]
-            vals = self.values(key)
-            y_top -= head_h
-            ax = fig.add_axes([margin / fw, (y_top - panel_h) / height, line_chars * char_w / fw, panel_h / height])
-            ax.set_xlim(0, line_chars)
-            ax.set_ylim(n_lines, 0)
-            ax.axis("off")
-            arrow = "↑" if key in ("p_t", "indicator", "weight") else "↓"
-            ax.text(0, -0.25, f"{sc.label} {arrow}  {sc.note}", fontsize=fontsize - 1, va="bottom", ha="left",
-                    parse_math=False)
-            for i, line, col, text in pieces:
-                rgb = _colour(sc.t(float(vals[i]))) if self.kept[i] else _GREY
-                ax.add_patch(Rectangle((col, line + 0.06), len(text), 0.88, facecolor=rgb, edgecolor="none"))
-                ax.text(col, line + 0.5, text, fontsize=fontsize, family="DejaVu Sans Mono", va="center", ha="left",
-                        color="#555555" if not self.kept[i] else "black", parse_math=False)
-            y_top -= panel_h
-            cax = fig.add_axes([margin / fw, (y_top - bar_h + 0.12) / height, min(3.0, line_chars * char_w) / fw, 0.12 / height])
-            cb = ColorbarBase(cax, cmap=cmap, norm=Normalize(sc.lo, sc.hi), orientation="horizontal")
-            cb.set_ticks([sc.transform(v) for v, _ in sc.ticks])
-            cb.set_ticklabels([lbl for _, lbl in sc.ticks])
-            cb.ax.tick_params(labelsize=fontsize - 3, length=2, pad=1)
-            y_top -= bar_h + gap_h
-        fig.savefig(path, dpi=dpi)
-        self.png_path = str(path)
+        self.png_path = render_png.save_png(self, path, rows, line_chars, fontsize, dpi)
         return self.png_path
 
 
