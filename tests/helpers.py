@@ -100,6 +100,7 @@ def float64_copy(model):
     import copy
 
     twin = copy.deepcopy(model).double()
-    if hasattr(twin, "loss_function"):
-        twin.loss_function = causal_lm_loss_float64
+    for module in twin.modules():  # the transformers models inside (a PEFT model wraps one)
+        if isinstance(getattr(type(module), "loss_function", None), property):
+            module.loss_function = causal_lm_loss_float64
     return twin
