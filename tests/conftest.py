@@ -5,12 +5,19 @@ before any test module imports ranktuner_kernels.
 """
 
 import os
+import tempfile
 
 import pytest
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# Inductor's on-disk cache keys its C++ kernels without ATEN_CPU_CAPABILITY: a kernel generated
+# with AVX-512 vectors in one run and rebuilt in a run under ATEN_CPU_CAPABILITY=default (no vector
+# headers) fails to compile (torch 2.13). The suite keeps one cache per capability setting.
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(
+    tempfile.gettempdir(), f"ranktuner-inductor-{os.environ.get('ATEN_CPU_CAPABILITY', 'native')}"))
 
 
 

@@ -77,3 +77,30 @@ def load_example(name):
     sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
+
+
+def causal_lm_loss_float64(logits, labels, vocab_size, num_items_in_batch=None, ignore_index=-100,
+                           shift_labels=None, **kwargs):
+    """transformers' ``ForCausalLMLoss`` without its ``logits.float()``: in the logits' own dtype, so
+    that a float64 model's loss is float64 throughout (the truth of ``tests/error_model.py``)."""
+    if shift_labels is None:
+        shift_labels = torch.nn.functional.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+    reduction = "sum" if num_items_in_batch is not None else "mean"
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, vocab_size), shift_labels.reshape(-1).to(logits.device),
+                                             ignore_index=ignore_index, reduction=reduction)
+    if num_items_in_batch is not None:
+        loss = loss / torch.as_tensor(num_items_in_batch).to(loss.device)
+    return loss
+
+
+def float64_copy(model):
+    """A float64 copy of a model, its transformers loss computed in float64 too (the model's own
+    ``ForCausalLMLoss`` casts the logits to float32): the truth a float32 comparison is measured
+    against (``tests/error_model.py``)."""
+    import copy
+
+    twin = copy.deepcopy(model).double()
+    for module in twin.modules():  # the transformers models inside (a PEFT model wraps one)
+        if isinstance(getattr(type(module), "loss_function", None), property):
+            module.loss_function = causal_lm_loss_float64
+    return twin

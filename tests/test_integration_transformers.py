@@ -17,6 +17,8 @@ import torch
 transformers = pytest.importorskip("transformers")
 
 import ranktuner_kernels as rk  # noqa: E402
+from error_model import assert_dicts_no_less_accurate, assert_no_less_accurate  # noqa: E402
+from helpers import causal_lm_loss_float64, float64_copy  # noqa: E402
 from ranktuner_kernels.integrations import transformers as rkt  # noqa: E402
 from transformers.modeling_utils import slice_logits_to_keep  # noqa: E402 - for the forwards below
 
@@ -73,11 +75,16 @@ def loss_and_grads(model, fn):
     return loss.detach(), grads
 
 
-def assert_grads_close(got, want, rtol, atol_frac):
-    assert got.keys() == want.keys() and got
-    for name in want:
-        atol = atol_frac * float(want[name].abs().max()) + 1e-12
-        torch.testing.assert_close(got[name], want[name], rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+def with_truth(model, fn):
+    """``(fn(model), fn(float64 copy of model))``: a float32 reference and its truth."""
+    return fn(model), fn(float64_copy(model))
+
+
+def assert_as_accurate(got, want, truth, what):
+    """``(loss, grads)`` of ours no less accurate than ``want``'s (the unpatched model's), both
+    against ``truth`` (the same computation on :func:`float64_copy`) — the suite's error model."""
+    assert_no_less_accurate(got[0], want[0], truth[0], what=f"{what} loss")
+    assert_dicts_no_less_accurate(got[1], want[1], truth[1], what=f"{what} grad")
 
 
 def shifted(labels):
@@ -103,33 +110,32 @@ def test_patched_matches_unpatched(family, tied, autocast):
     model = make_model(family, tied).train()
     ids, labels = make_batch()
     ctx = (lambda: torch.autocast(**AUTOCAST)) if autocast else torch.enable_grad
-    rtol, atol_frac = 1e-5, 1e-5  # autocast too: the head runs in bf16 exactly as lm_head does
 
+    def ranktuner_on_logits(m):
+        logits = m(ids).logits
+        return rk.cross_entropy(logits[:, :-1], labels[:, 1:], weighting="ranktuner", impl="reference")
+
+    truth = float64_copy(model)  # autocast leaves float64 alone: the truth of both runs
+    own64 = loss_and_grads(truth, lambda: truth(ids, labels=labels).loss)
+    rt64 = loss_and_grads(truth, lambda: ranktuner_on_logits(truth))
     with ctx():
-        own, own_grads = loss_and_grads(model, lambda: model(ids, labels=labels).loss)
-
-        def ranktuner_on_logits():
-            logits = model(ids).logits
-            return rk.cross_entropy(logits[:, :-1], labels[:, 1:], weighting="ranktuner", impl="reference")
-
-        rt, rt_grads = loss_and_grads(model, ranktuner_on_logits)
-
+        own = loss_and_grads(model, lambda: model(ids, labels=labels).loss)
+        rt = loss_and_grads(model, lambda: ranktuner_on_logits(model))
         rkt.patch_model(model, weighting="sft")
         out = model(ids, labels=labels)
         assert out.logits is None and out.objective == "sft"
-        got, got_grads = loss_and_grads(model, lambda: model(ids, labels=labels).loss)
+        got = loss_and_grads(model, lambda: model(ids, labels=labels).loss)
         rkt.patch_model(model, weighting="ranktuner")
         out_rt = model(ids, labels=labels)
-        got_rt, got_rt_grads = loss_and_grads(model, lambda: model(ids, labels=labels).loss)
+        got_rt = loss_and_grads(model, lambda: model(ids, labels=labels).loss)
 
-    assert got.dtype == torch.float32 and got.dim() == 0
-    torch.testing.assert_close(got, own.float(), rtol=rtol, atol=0)
-    assert_grads_close(got_grads, own_grads, rtol, atol_frac)
-    torch.testing.assert_close(got_rt, rt.float(), rtol=rtol, atol=0)
-    assert_grads_close(got_rt_grads, rt_grads, rtol, atol_frac)
+    assert got[0].dtype == torch.float32 and got[0].dim() == 0
+    assert_as_accurate(got, own, own64, "sft")
+    assert_as_accurate(got_rt, rt, rt64, "ranktuner")
     assert out_rt.objective == "ranktuner" and not out_rt.nll.requires_grad and out_rt.nll.dtype == torch.float32
     # the plain NLL is the sft loss whatever the objective
-    torch.testing.assert_close(out_rt.nll, own.float(), rtol=rtol, atol=0)
+    assert_no_less_accurate(out_rt.nll, own[0], own64[0], what="nll")
+    got, got_rt = got[0], got_rt[0]
     assert not torch.allclose(got_rt, got)
 
 
@@ -137,17 +143,20 @@ def test_patched_matches_unpatched(family, tied, autocast):
 def test_gemma2_final_logit_softcapping():
     model = make_model("gemma2", tied=True, final_logit_softcapping=2.0).train()
     ids, labels = make_batch()
-    own, own_grads = loss_and_grads(model, lambda: model(ids, labels=labels).loss)
-    rt, rt_grads = loss_and_grads(model, lambda: rk.cross_entropy(
-        model(ids).logits[:, :-1], labels[:, 1:], weighting="ranktuner", impl="reference"))
+
+    def own_loss(m):
+        return m(ids, labels=labels).loss
+
+    def ranktuner_on_logits(m):
+        return rk.cross_entropy(m(ids).logits[:, :-1], labels[:, 1:], weighting="ranktuner", impl="reference")
+
+    truth = float64_copy(model)
+    own64, rt64 = loss_and_grads(truth, lambda: own_loss(truth)), loss_and_grads(truth, lambda: ranktuner_on_logits(truth))
+    own, rt = loss_and_grads(model, lambda: own_loss(model)), loss_and_grads(model, lambda: ranktuner_on_logits(model))
     rkt.patch_model(model, weighting="sft")
-    got, got_grads = loss_and_grads(model, lambda: model(ids, labels=labels).loss)
-    torch.testing.assert_close(got, own, rtol=1e-5, atol=0)
-    assert_grads_close(got_grads, own_grads, 1e-5, 1e-5)
+    assert_as_accurate(loss_and_grads(model, lambda: own_loss(model)), own, own64, "sft")
     rkt.patch_model(model, weighting="ranktuner")
-    got, got_grads = loss_and_grads(model, lambda: model(ids, labels=labels).loss)
-    torch.testing.assert_close(got, rt, rtol=1e-5, atol=0)
-    assert_grads_close(got_grads, rt_grads, 1e-5, 1e-5)
+    assert_as_accurate(loss_and_grads(model, lambda: own_loss(model)), rt, rt64, "ranktuner")
 
 
 def test_caller_temperature_divides_the_models_logits_and_a_second_softcap_is_refused():
@@ -155,9 +164,13 @@ def test_caller_temperature_divides_the_models_logits_and_a_second_softcap_is_re
     with pytest.raises(ValueError, match="'gemma2'.*softcap"):
         rkt.patch_model(model, softcap=5.0)
     ids, labels = make_batch()
-    want = rk.cross_entropy(model(ids).logits[:, :-1], labels[:, 1:], temperature=1.5, impl="reference")
+
+    def on_logits(m):
+        return rk.cross_entropy(m(ids).logits[:, :-1], labels[:, 1:], temperature=1.5, impl="reference")
+
+    truth, want = on_logits(float64_copy(model)), on_logits(model)
     got = rkt.patch_model(model, temperature=1.5)(ids, labels=labels).loss
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert_no_less_accurate(got, want, truth, what="loss")
 
 
 @pytest.mark.parametrize("as_tensor", [False, True])
@@ -167,35 +180,38 @@ def test_num_items_in_batch(as_tensor):
     kept = int((shifted(labels) != -100).sum())
     n = 3 * kept + 1
     n_arg = torch.tensor(n) if as_tensor else n
-    own = model(ids, labels=labels, num_items_in_batch=n_arg).loss
-    plain = model(ids, labels=labels).loss
+    truth = float64_copy(model)
+    own, own64 = (m(ids, labels=labels, num_items_in_batch=n_arg).loss for m in (model, truth))
+    plain, plain64 = (m(ids, labels=labels).loss for m in (model, truth))
     rkt.patch_model(model, weighting="sft")
     got = model(ids, labels=labels, num_items_in_batch=n_arg)
-    torch.testing.assert_close(got.loss, own, rtol=1e-5, atol=0)
-    torch.testing.assert_close(got.loss, plain * kept / n, rtol=1e-5, atol=0)
-    torch.testing.assert_close(got.nll, plain, rtol=1e-5, atol=0)  # the NLL is a mean over kept tokens
+    assert_no_less_accurate(got.loss, own, own64, what="loss over num_items_in_batch")
+    assert_no_less_accurate(got.loss, plain * kept / n, plain64 * kept / n, what="loss = mean * kept / n")
+    assert_no_less_accurate(got.nll, plain, plain64, what="nll")  # the NLL is a mean over kept tokens
 
 
 def test_logits_to_keep():
     model = make_model()
     ids, labels = make_batch(t=10)
     k = 4
-    full_logits = model(ids).logits
     # labels shaped like the kept positions: transformers' own semantics
-    own = model(ids, labels=labels[:, -k:], logits_to_keep=k).loss
-    rkt.patch_model(model, weighting="sft")
-    torch.testing.assert_close(model(ids, labels=labels[:, -k:], logits_to_keep=k).loss, own, rtol=1e-5, atol=0)
+    own, own64 = with_truth(model, lambda m: m(ids, labels=labels[:, -k:], logits_to_keep=k).loss)
     # full-length labels are sliced like the hidden states (transformers raises there)
-    rkt.patch_model(model, weighting="ranktuner")
-    want = rk.cross_entropy(full_logits[:, -k:], shifted(labels)[:, -k:], weighting="ranktuner", impl="reference")
-    torch.testing.assert_close(model(ids, labels=labels, logits_to_keep=k).loss, want, rtol=1e-5, atol=0)
-    # a 1-D tensor of positions and a 2-D boolean mask
     pos = torch.tensor([1, 4, 6])
-    want = rk.cross_entropy(full_logits[:, pos], shifted(labels)[:, pos], weighting="ranktuner", impl="reference")
-    torch.testing.assert_close(model(ids, labels=labels, logits_to_keep=pos).loss, want, rtol=1e-5, atol=0)
     mask = torch.rand(ids.shape, generator=torch.Generator().manual_seed(3)) > 0.4
-    want = rk.cross_entropy(full_logits[mask], shifted(labels)[mask], weighting="ranktuner", impl="reference")
-    torch.testing.assert_close(model(ids, labels=labels, logits_to_keep=mask).loss, want, rtol=1e-5, atol=0)
+
+    def on_logits(m):
+        full, target = m(ids).logits, shifted(labels)
+        return [rk.cross_entropy(full[:, -k:], target[:, -k:], weighting="ranktuner", impl="reference"),
+                rk.cross_entropy(full[:, pos], target[:, pos], weighting="ranktuner", impl="reference"),
+                rk.cross_entropy(full[mask], target[mask], weighting="ranktuner", impl="reference")]
+
+    wants, truths = with_truth(model, on_logits)
+    rkt.patch_model(model, weighting="sft")
+    assert_no_less_accurate(model(ids, labels=labels[:, -k:], logits_to_keep=k).loss, own, own64, what="kept labels")
+    rkt.patch_model(model, weighting="ranktuner")
+    for keep, want, truth in zip((k, pos, mask), wants, truths):  # an int, 1-D positions, a 2-D boolean mask
+        assert_no_less_accurate(model(ids, labels=labels, logits_to_keep=keep).loss, want, truth, what=str(keep))
     with pytest.raises(ValueError, match="labels"):
         model(ids, labels=labels[:, :5], logits_to_keep=k)
 
@@ -204,10 +220,10 @@ def test_shift_labels():
     model = make_model()
     ids, labels = make_batch()
     shift = labels.roll(1, dims=1)  # any pre-shifted targets
-    own = model(ids, labels=labels, shift_labels=shift).loss
+    own, own64 = with_truth(model, lambda m: m(ids, labels=labels, shift_labels=shift).loss)
     rkt.patch_model(model, weighting="sft")
-    torch.testing.assert_close(model(ids, labels=labels, shift_labels=shift).loss, own, rtol=1e-5, atol=0)
-    torch.testing.assert_close(model(ids, shift_labels=shift).loss, own, rtol=1e-5, atol=0)  # no labels needed
+    assert_no_less_accurate(model(ids, labels=labels, shift_labels=shift).loss, own, own64, what="with labels")
+    assert_no_less_accurate(model(ids, shift_labels=shift).loss, own, own64, what="no labels needed")
 
 
 def test_without_labels_the_original_forward_runs():
@@ -230,7 +246,7 @@ def test_nll_masks_ignored_positions_itself(monkeypatch):
     """The core may leave NaN in the statistics of ignored positions: the NLL must not see them."""
     model = make_model()
     ids, labels = make_batch()
-    own = model(ids, labels=labels).loss
+    own, own64 = with_truth(model, lambda m: m(ids, labels=labels).loss)
     real = rk.linear_cross_entropy
 
     def nan_stats(*args, **kwargs):
@@ -242,7 +258,7 @@ def test_nll_masks_ignored_positions_itself(monkeypatch):
     monkeypatch.setattr(rk, "linear_cross_entropy", nan_stats)
     rkt.patch_model(model, weighting="dft")
     out = model(ids, labels=labels)
-    torch.testing.assert_close(out.nll, own, rtol=1e-5, atol=0)
+    assert_no_less_accurate(out.nll, own, own64, what="nll")
     assert math.isnan(float(model(ids, labels=torch.full_like(labels, -100)).nll))  # no kept token
 
 
@@ -302,10 +318,11 @@ def test_peft_style_wrapper_patches_the_inner_model():
     inner = make_model()
     wrapper = Wrapper(inner)
     ids, labels = make_batch()
-    want = rk.cross_entropy(inner(ids).logits[:, :-1], labels[:, 1:], weighting="ranktuner", impl="reference")
+    want, truth = with_truth(inner, lambda m: rk.cross_entropy(m(ids).logits[:, :-1], labels[:, 1:],
+                                                               weighting="ranktuner", impl="reference"))
     assert rkt.patch_model(wrapper, weighting="ranktuner") is wrapper
     assert rkt.is_patched(wrapper) and rkt.is_patched(inner) and "forward" not in wrapper.__dict__
-    torch.testing.assert_close(wrapper(ids, labels=labels).loss, want, rtol=1e-5, atol=0)
+    assert_no_less_accurate(wrapper(ids, labels=labels).loss, want, truth, what="loss")
     assert rkt.unpatch_model(wrapper) is wrapper and not rkt.is_patched(inner)
 
 
@@ -381,11 +398,9 @@ def test_scales_and_softcap_fold_into_the_core_transform():
     model.config.pre_scale, model.config.cap, model.config.post_scale = 3.0, 2.0, 0.7
     model.train()
     ids, labels = make_batch()
-    want, want_grads = loss_and_grads(model, lambda: model(ids, labels=labels).loss)
+    want, truth = with_truth(model, lambda m: loss_and_grads(m, lambda: m(ids, labels=labels).loss))
     rkt.patch_model(model)
-    got, got_grads = loss_and_grads(model, lambda: model(ids, labels=labels).loss)
-    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
-    assert_grads_close(got_grads, want_grads, rtol=1e-4, atol_frac=1e-5)
+    assert_as_accurate(loss_and_grads(model, lambda: model(ids, labels=labels).loss), want, truth, "sft")
 
 
 def test_a_forward_that_cannot_be_reproduced_is_refused_by_name():
@@ -403,10 +418,10 @@ def test_default_weighting_is_sft():
     """Every entry point defaults to plain cross-entropy: patch_model(model) gives the model's own loss."""
     model = make_model().train()
     ids, labels = make_batch()
-    want = model(ids, labels=labels).loss
+    want, truth = with_truth(model, lambda m: m(ids, labels=labels).loss)
     got = rkt.patch_model(model)(ids, labels=labels)
     assert got.objective == "sft"
-    torch.testing.assert_close(got.loss, want, rtol=1e-5, atol=1e-6)
+    assert_no_less_accurate(got.loss, want, truth, what="loss")
     assert rkt.make_compute_loss_func().objective == "sft"
     for fn in (rkt.patch_model, rkt.make_compute_loss_func):
         assert inspect.signature(fn).parameters["weighting"].default == "sft"
@@ -434,11 +449,11 @@ def test_bad_input_raises_naming_it():
 def test_options_reach_the_core():
     model = make_model()
     ids, labels = make_batch()
+    want, truth = with_truth(model, lambda m: rk.cross_entropy(
+        m(ids).logits[:, :-1], labels[:, 1:], weighting=rk.RankTuner(xi="geo"), impl="reference"))
     rkt.patch_model(model, weighting=rk.RankTuner(xi="geo"), chunk_size=3, impl="reference")
-    logits = model(ids).logits
-    want = rk.cross_entropy(logits[:, :-1], labels[:, 1:], weighting=rk.RankTuner(xi="geo"), impl="reference")
     out = model(ids, labels=labels)
-    torch.testing.assert_close(out.loss, want, rtol=1e-5, atol=0)
+    assert_no_less_accurate(out.loss, want, truth, what="loss")
     assert out.objective == "ranktuner"
 
 
@@ -447,15 +462,19 @@ def test_compute_loss_func():
     ids, labels = make_batch()
     outputs = model(ids)
     n = 17
-    own = model(ids, labels=labels, num_items_in_batch=n).loss
+    # the truth: the same float32 logits, the loss computed in float64
+    logits64 = transformers.modeling_outputs.CausalLMOutputWithPast(logits=outputs.logits.double())
     fn = rkt.make_compute_loss_func("sft")
-    torch.testing.assert_close(fn(outputs, labels, num_items_in_batch=n), own, rtol=1e-5, atol=0)
-    torch.testing.assert_close(fn(outputs, labels), model(ids, labels=labels).loss, rtol=1e-5, atol=0)
+    for kw in ({"num_items_in_batch": n}, {}):
+        own = model.loss_function(outputs.logits, labels, V, **kw)
+        truth = causal_lm_loss_float64(logits64.logits, labels, V, **kw)
+        assert_no_less_accurate(fn(outputs, labels, **kw), own, truth, what=f"sft {kw}")
     fn = rkt.make_compute_loss_func(rk.DFT())
     want = rk.cross_entropy(outputs.logits[:, :-1], labels[:, 1:], weighting="dft", impl="reference")
-    torch.testing.assert_close(fn(outputs, labels), want, rtol=1e-5, atol=0)
+    truth = rk.cross_entropy(logits64.logits[:, :-1], labels[:, 1:], weighting="dft", impl="reference")
+    assert_no_less_accurate(fn(outputs, labels), want, truth, what="dft")
     with pytest.raises(ValueError, match="logits"):
-        fn(transformers.modeling_outputs.CausalLMOutputWithPast(loss=own), labels)
+        fn(transformers.modeling_outputs.CausalLMOutputWithPast(loss=outputs.logits.sum()), labels)
 
 
 # ----------------------------------------------------------------------------- Trainer
@@ -511,36 +530,38 @@ def _eval_token_mean_nll(model):
             batch = _collate(_dataset()[:7][start:start + 3])
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             target = shifted(batch["labels"])
-            total += float(torch.nn.functional.cross_entropy(
-                logits.flatten(0, 1).float(), target.flatten(), ignore_index=-100, reduction="sum"))
+            total += float(torch.nn.functional.cross_entropy(  # in the model's dtype (float32, or float64)
+                logits.flatten(0, 1), target.flatten(), ignore_index=-100, reduction="sum"))
             count += int((target != -100).sum())
     return total / count
 
 
 def test_trainer_patched_sft_logs_what_the_default_logs(tmp_path):
     """Gradient accumulation 2 over unequal micro-batches: the patched model (and
-    compute_loss_func) log the default's losses and gradient norms; nll is logged next to loss;
-    evaluate() reports eval_loss and eval_nll."""
+    compute_loss_func) log the default's losses and gradient norms, each no less accurate than the
+    default's against the same run in float64; nll is logged next to loss; evaluate() reports
+    eval_loss and eval_nll."""
     base = make_model()
     want_steps, want_eval, _ = _train(copy.deepcopy(base), tmp_path / "a")
+    true_steps, true_eval, true_trainer = _train(float64_copy(base), tmp_path / "t")
     patched = rkt.patch_model(copy.deepcopy(base), weighting="sft")
     got_steps, got_eval, _ = _train(patched, tmp_path / "b", nll=True)
     fn_steps, fn_eval, _ = _train(copy.deepcopy(base), tmp_path / "c", nll=True,
                                   compute_loss_func=rkt.make_compute_loss_func("sft"))
-    assert len(want_steps) == len(got_steps) == len(fn_steps) == 3
-    for want, got, fn in zip(want_steps, got_steps, fn_steps):
+    assert len(want_steps) == len(got_steps) == len(fn_steps) == len(true_steps) == 3
+    for step, (want, got, fn, true) in enumerate(zip(want_steps, got_steps, fn_steps, true_steps)):
         for key in ("loss", "grad_norm"):
-            assert got[key] == pytest.approx(want[key], rel=1e-5), key
-            assert fn[key] == pytest.approx(want[key], rel=1e-5), key
+            for name, run in (("patched", got), ("compute_loss_func", fn)):
+                assert_no_less_accurate(run[key], want[key], true[key], what=f"{name} step {step} {key}")
         assert "nll" not in want
-        assert got["nll"] == pytest.approx(got["loss"], rel=1e-5)  # sft: the objective is the NLL
-        assert fn["nll"] == pytest.approx(fn["loss"], rel=1e-5)
-    assert got_eval["eval_loss"] == pytest.approx(want_eval["eval_loss"], rel=1e-5)
-    assert fn_eval["eval_loss"] == pytest.approx(want_eval["eval_loss"], rel=1e-5)
+        for run in (got, fn):  # sft: the objective is the NLL
+            assert_no_less_accurate(run["nll"], want["loss"], true["loss"], what=f"step {step} nll")
+    for run in (got_eval, fn_eval):
+        assert_no_less_accurate(run["eval_loss"], want_eval["eval_loss"], true_eval["eval_loss"], what="eval_loss")
     # both models hold the same weights after the same three steps
-    trained = rkt.unpatch_model(patched)
-    assert got_eval["eval_nll"] == pytest.approx(_eval_token_mean_nll(trained), rel=1e-5)
-    assert fn_eval["eval_nll"] == pytest.approx(got_eval["eval_nll"], rel=1e-5)
+    want_nll, true_nll = _eval_token_mean_nll(rkt.unpatch_model(patched)), _eval_token_mean_nll(true_trainer.model)
+    for run in (got_eval, fn_eval):
+        assert_no_less_accurate(run["eval_nll"], want_nll, true_nll, what="eval_nll")
 
 
 def test_trainer_ranktuner_run_logs_nll_and_evaluates(tmp_path):
@@ -549,14 +570,16 @@ def test_trainer_ranktuner_run_logs_nll_and_evaluates(tmp_path):
     for step in steps:
         assert math.isfinite(step["loss"]) and math.isfinite(step["nll"]) and step["loss"] != step["nll"]
     assert math.isfinite(metrics["eval_loss"]) and math.isfinite(metrics["eval_nll"])
-    want = _eval_token_mean_nll(model)  # no labels: the original forward's logits
-    assert metrics["eval_nll"] == pytest.approx(want, rel=1e-5)
-    # predict() (no logits to return: an empty tuple) and a later evaluate() report the same NLL
+    # no labels: the original forward's logits, in float32 and (the truth) in float64
+    want, truth = _eval_token_mean_nll(model), _eval_token_mean_nll(float64_copy(model))
+    assert_no_less_accurate(metrics["eval_nll"], want, truth, what="eval_nll")
+    # predict() (no logits to return: an empty tuple) and a later evaluate() report the same NLL, exactly: the
+    # same computation on the same weights and batches
     model.eval()
     model(**_collate(_dataset()[:2]))  # an eval-mode call outside Trainer's loops is not counted
     prediction = trainer.predict(_dataset()[:7])
-    assert prediction.predictions == () and prediction.metrics["test_nll"] == pytest.approx(want, rel=1e-5)
-    assert trainer.evaluate()["eval_nll"] == pytest.approx(want, rel=1e-5)
+    assert prediction.predictions == () and prediction.metrics["test_nll"] == metrics["eval_nll"]
+    assert trainer.evaluate()["eval_nll"] == metrics["eval_nll"]
 
 
 def test_trainer_eval_logits_for_compute_metrics(tmp_path):
@@ -570,9 +593,13 @@ def test_trainer_eval_logits_for_compute_metrics(tmp_path):
     base = make_model()
     _, fused, _ = _train(rkt.patch_model(copy.deepcopy(base), weighting="ranktuner"), tmp_path / "a")
     model = rkt.patch_model(copy.deepcopy(base), weighting="ranktuner", eval_logits=True)
-    _, metrics, _ = _train(model, tmp_path / "b", compute_metrics=compute_metrics)
+    _, metrics, trainer = _train(model, tmp_path / "b", compute_metrics=compute_metrics)
     assert seen and seen[-1].shape[0] == 7 and seen[-1].shape[-1] == V
-    assert metrics["eval_loss"] == pytest.approx(fused["eval_loss"], rel=1e-5)
+    # the same trained weights (both runs train on the fused loss) evaluated on the logits, in float64
+    truth_trainer = transformers.Trainer(model=float64_copy(trainer.model), args=trainer.args,
+                                         eval_dataset=_dataset()[:7], data_collator=_collate)
+    truth = truth_trainer.evaluate()["eval_loss"]
+    assert_no_less_accurate(metrics["eval_loss"], fused["eval_loss"], truth, what="eval_loss on the logits")
 
 
 # ----------------------------------------------------------------------------- TRL
@@ -617,16 +644,17 @@ def test_trl_sft_trainer_recipe(tmp_path):
     trl_default, _ = run(trl.SFTTrainer, copy.deepcopy(base), tmp_path / "a", evaluate=False)
     own, own_eval = run(RankTunerSFTTrainer, copy.deepcopy(base), tmp_path / "b")  # the model's own loss
     got, got_eval = run(RankTunerSFTTrainer, rkt.patch_model(copy.deepcopy(base), weighting="sft"), tmp_path / "c")
-    assert len(trl_default) == len(own) == len(got) == 2
+    true, true_eval = run(RankTunerSFTTrainer, float64_copy(base), tmp_path / "t")  # the truth: float64
+    assert len(trl_default) == len(own) == len(got) == len(true) == 2
     # same weights and batch at step 1: TRL's own loss is the same NLL
-    assert got[0]["loss"] == pytest.approx(trl_default[0]["loss"], rel=1e-5)
-    for w, g_ in zip(own, got):
-        assert math.isfinite(g_["loss"])
+    assert_no_less_accurate(got[0]["loss"], trl_default[0]["loss"], true[0]["loss"], what="step 0 loss vs TRL")
+    for step, (w, g_, t) in enumerate(zip(own, got, true)):
         for key in ("loss", "grad_norm"):
-            assert g_[key] == pytest.approx(w[key], rel=1e-5), key
-        assert g_["nll"] == pytest.approx(g_["loss"], rel=1e-5)
-    assert got_eval["eval_loss"] == pytest.approx(own_eval["eval_loss"], rel=1e-5)
-    assert got_eval["eval_nll"] == pytest.approx(got_eval["eval_loss"], rel=1e-4)
+            assert_no_less_accurate(g_[key], w[key], t[key], what=f"step {step} {key}")
+        assert_no_less_accurate(g_["nll"], w["loss"], t["loss"], what=f"step {step} nll")
+    assert_no_less_accurate(got_eval["eval_loss"], own_eval["eval_loss"], true_eval["eval_loss"], what="eval_loss")
+    # one eval batch of 8 rows: the batch mean is the token mean
+    assert_no_less_accurate(got_eval["eval_nll"], own_eval["eval_loss"], true_eval["eval_loss"], what="eval_nll")
 
     ranktuner, _ = run(RankTunerSFTTrainer, rkt.patch_model(copy.deepcopy(base), weighting="ranktuner"),
                        tmp_path / "d", evaluate=False)
