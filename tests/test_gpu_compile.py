@@ -32,7 +32,7 @@ def test_on_gpu_dry_run_lists_every_step_within_budget():
     assert "estimated in all" in out.stdout
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_every_kernel_compiles_for_every_target_without_spills(monkeypatch):
     monkeypatch.syspath_prepend(ROOT)  # the bench package, from the checkout
     from bench import gpu_compile as gc
