@@ -17,7 +17,8 @@ Two steps, two processes:
 
 Launch shapes: the vocabulary is 2112 wide (one full 2048 tile, the GPU default, and a
 ragged tail), so the row kernels compile at their production block sizes; THR is recorded
-with its GPU launch (``thr.GPU_LAUNCH``: blocks, warps, stages, ``maxnreg``); for gfx942 a
+with its GPU launch (``thr.GPU_LAUNCH``: blocks, warps, stages, ``maxnreg``), both precisions,
+at ``V_RECORD`` and at ``V_RAGGED`` (not a multiple of 16); for gfx942 a
 launch is compiled as the library makes it on ROCm (:func:`_rocm_launch`).
 """
 
@@ -52,6 +53,8 @@ def must_not_spill(name: str, target: str) -> bool:
 #: The vocabulary width the launches are recorded at: a full 2048 tile plus a ragged tail, and a
 #: multiple of 16 as LLM vocabularies are (Triton specializes the row strides on it: 16-byte loads).
 V_RECORD = 2112
+#: THR is also recorded at a vocabulary that is not a multiple of 16 (as GPT-2's 50,257 is).
+V_RAGGED = 4100
 
 
 def backends_available() -> str | None:
@@ -149,15 +152,20 @@ def exercise():
             rk.token_stats(z0, y, impl="triton", **opts)
             rk.logprobs(z0, y, impl="triton", **opts)
             rk.linear_logprobs(h0, w0, y, impl="triton", **opts)
-        # THR at its GPU default blocks (the interpreter's smaller ones are a CPU speed choice)
+        # THR at its GPU default blocks (the interpreter's smaller ones are a CPU speed choice), at
+        # a vocabulary that is not a multiple of 16 (rows not 16-element aligned: scalar loads)
+        # first, so that the one-per-switch-set lists of the other targets get that case
         saved = thr_kernels._interpreting
         thr_kernels._interpreting = lambda: False
         try:
             rows = torch.arange(b * t)
             grp = torch.zeros(b * t, dtype=torch.long)
-            for hidden in (None, h0.reshape(b * t, d)):
-                rk.rl.thr.thr_pair_sums(z0, y.clamp_min(0).reshape(-1), rows, grp, rows, grp,
-                                        torch.ones(b * t), hidden, impl="triton")
+            z_ragged = torch.randn(b, t, V_RAGGED, generator=g).to(dtype)
+            for z in (z_ragged, z0):
+                for hidden in (None, h0.reshape(b * t, d)):
+                    for precision in ("ieee", "tf32"):
+                        rk.rl.thr.thr_pair_sums(z, y.clamp_min(0).reshape(-1), rows, grp, rows, grp,
+                                                torch.ones(b * t), hidden, impl="triton", precision=precision)
         finally:
             thr_kernels._interpreting = saved
 

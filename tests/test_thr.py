@@ -88,7 +88,10 @@ def test_kernel_matches_oracle(n, v, d, groups, with_hidden):
     assert rel(got.cpu(), want) < 2e-5, rel(got.cpu(), want)
 
 
-@pytest.mark.parametrize("blocks", [(64, 64, 64, 64), (16, 32, 16, 16)], ids=["gpu_default", "small"])
+GPU_BLOCKS = tuple(ker.GPU_LAUNCH[k] for k in ("block_u", "block_o", "block_v", "block_d"))
+
+
+@pytest.mark.parametrize("blocks", [GPU_BLOCKS, (16, 32, 16, 16)], ids=["gpu_default", "small"])
 def test_kernel_block_shapes(blocks):
     """The GPU's default tiles (the interpreter uses others) and small, unequal ones."""
     case = rows_case(n=48, v=257, d=40, groups=3, seed=12)
