@@ -8,26 +8,13 @@ import pytest
 import torch
 
 from ranktuner_kernels.rl import thr_guided_advantages, token_hidden_reward
-from thr_cases import DEVICE, batch_case, rel
+from thr_cases import DEVICE, batch_case, every_other, rel, stored_as
 
 triton = pytest.importorskip("triton")
 from ranktuner_kernels.kernels import thr as ker  # noqa: E402
 
 IMPLS = ["triton", "reference", "naive"]
 PEAK = 24.0  # logits of about 10-40, near-certain sampled tokens
-
-
-def every_other(x):
-    """``x`` seen through ``wide[..., ::2]`` of a NaN-filled buffer twice as wide."""
-    wide = torch.full((*x.shape[:-1], 2 * x.shape[-1]), float("nan"), dtype=x.dtype, device=x.device)
-    wide[..., ::2] = x
-    return wide[..., ::2]
-
-
-def stored_as(x, order):
-    """``x`` with the same values, stored with dimension ``order`` outermost-first."""
-    inverse = [order.index(i) for i in range(x.dim())]
-    return x.permute(*order).contiguous().permute(*inverse)
 
 
 def hidden_layouts(hidden):

@@ -1,5 +1,6 @@
 """Shared THR test inputs (``test_thr*.py``): row-level cases for the pair sums, batch-level
-cases for ``token_hidden_reward``, and the relative error the float32 checks use."""
+cases for ``token_hidden_reward``, the relative error the float32 checks use, and strided
+views of a tensor (same values, other layouts)."""
 
 import torch
 
@@ -49,3 +50,16 @@ def on_dev(*xs):
 
 def rel(a, b):
     return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-12))
+
+
+def every_other(x):
+    """``x`` seen through ``wide[..., ::2]`` of a NaN-filled buffer twice as wide."""
+    wide = torch.full((*x.shape[:-1], 2 * x.shape[-1]), float("nan"), dtype=x.dtype, device=x.device)
+    wide[..., ::2] = x
+    return wide[..., ::2]
+
+
+def stored_as(x, order):
+    """``x`` with the same values, stored with dimension ``order`` outermost-first."""
+    inverse = [order.index(i) for i in range(x.dim())]
+    return x.permute(*order).contiguous().permute(*inverse)
