@@ -55,14 +55,14 @@ PRECISIONS = ("ieee", "tf32")
 #: spilled 24-192 bytes on sm_90 with Triton 3.9 (16-128 with 3.6). At 32 columns a warp is one
 #: row, a thread holds 4 rows and half the MMA operand. The tile pointers are formed inside the
 #: loop from the row pointers (not carried as ``[rows, BLOCK_V]`` pointer tiles). Compiled for
-#: sm_80, sm_90 and sm_100 at vocabularies 2,112 (aligned) and 4,100 / 50,257 (not), every
-#: variant (float32/bf16/f16 logits, with and without hidden states, contiguous or strided,
-#: ieee and tf32) keeps 0 stack bytes with Triton 3.9 and 3.6 (registers in
-#: ``bench/results/kernels.md``). Aligned rows cost ~8% more loop instructions per element than
-#: at 64 columns (sm_90, tf32: 132 per 8 elements vs 245 per 16). The kernel before the one-Gram
-#: form (gathers of ``z`` at the other rows' tokens, in-kernel int64 row division) needed 108-128
-#: registers and 0-24 stack bytes on the NVIDIA targets; 4 warps with 3 stages spilled 16-904
-#: bytes per thread.
+#: sm_80, sm_90 and sm_100 at vocabularies 2,112 (aligned) and 4,100 / 50,257 (not), every variant
+#: (float32/bf16/f16 logits, with and without hidden states, contiguous or strided, ieee and tf32)
+#: keeps 0 stack bytes with Triton 3.9 (72-128 registers) and 3.6 (76-124), and so does gfx942
+#: with ``GPU_LAUNCH_ROCM`` (96-168 VGPRs). Aligned rows cost ~8% more loop instructions per
+#: element than at 64 columns (sm_90, tf32: 132 per 8 elements vs 245 per 16). The kernel before
+#: the one-Gram form (gathers of ``z`` at the other rows' tokens, in-kernel int64 row division)
+#: needed 108-128 registers and 0-24 stack bytes on the NVIDIA targets; 4 warps with 3 stages
+#: spilled 16-904 bytes per thread.
 GPU_LAUNCH = dict(block_u=64, block_o=64, block_v=32, block_d=32, num_warps=16, num_stages=1, maxnreg=128)
 #: On ROCm: the same 512 threads per program as 8 wavefronts of 64 (up to 256 VGPRs each; at
 #: 16 wavefronts the cap is 128 and gfx942 spilled 16-116 bytes); ``maxnreg`` is CUDA's.

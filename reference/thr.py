@@ -180,10 +180,10 @@ def linear_lse_entropy(hidden, weight, bias=None, *, transform: Transform = Tran
             alpha = torch.exp(m - m_new)
             t = alpha * (t + (m - m_new) * s)
             s = alpha * s
-        zc = z - m_new[:, None]
+        zc = z.sub_(m_new[:, None])  # in place: two [rows, chunk] buffers in all
         e = torch.exp(zc)
         s = s + e.sum(-1)
-        t = t + (e * zc).sum(-1)
+        t = t + zc.mul_(e).sum(-1)
         m = m_new
     log_s = torch.log(s)
     return m + log_s, log_s - t / s
@@ -207,8 +207,9 @@ def linear_thr_sums(hidden, weight, bias, tokens, group, o_weight, *, lse=None, 
     (``M`` is, up to sign, the gradient of ``Σ_o w_o log π(y_o)`` w.r.t. ``W``); without the
     hidden factor ``Σ_o w_o <q_o, q_u> = <q_u, Σ_o w_o q_o>``. Rows are sorted by group, the
     observed first, and the vocabulary is streamed in chunks of ``chunk`` columns
-    (:func:`linear_chunk`): per chunk the logits of all rows (``[N, chunk]``) and per group
-    ``M`` on the chunk (``[chunk, D]``). Memory ``O(N·chunk + chunk·D + N·D)``; time the logits
+    (:func:`linear_chunk`): per chunk the logits of all rows (``[N, chunk]``, turned into ``q``
+    in place) and per group ``M`` on the chunk (``[chunk, D]``) and ``h_u·M`` (``[|U_g|,
+    chunk]``). Memory ``O(N·chunk + chunk·D + N·D)``; time the logits
     (``2·N·D·V``) plus ``2·(|O| + N)·D·V`` in matmuls. ``q`` at a row's own token is
     ``-expm1(z'_y - lse)`` (exact for near-certain tokens). ``lse``: ``[N]`` (computed by
     :func:`linear_lse_entropy` if None). Returns ``[N]`` in the compute dtype.
@@ -229,6 +230,7 @@ def linear_thr_sums(hidden, weight, bias, tokens, group, o_weight, *, lse=None, 
     h = hidden[order].to(dt)
     y = tokens[order].long()
     w = o_weight[order].to(dt)
+    wh = w[:, None] * h if hidden_factor else None  # w_o h_o
     lse_s = linear_lse_entropy(h, weight, bias, transform=transform, chunk=chunk)[0] if lse is None \
         else lse[order].to(dt)
     _, counts = torch.unique_consecutive(group[order], return_counts=True)
@@ -241,18 +243,17 @@ def linear_thr_sums(hidden, weight, bias, tokens, group, o_weight, *, lse=None, 
     acc = torch.zeros_like(out)
     for c0 in range(0, v, c):
         c1 = min(v, c0 + c)
-        z = _head_logits(h, weight, bias, c0, c1, transform)
-        q = torch.exp(z - lse_s[:, None]).neg_()  # -π on the chunk
+        q = _head_logits(h, weight, bias, c0, c1, transform)  # z', then q in place
         here = (y >= c0) & (y < c1)
         r, col = rows[here], y[here] - c0
-        q[r, col] = -torch.expm1(z[r, col] - lse_s[r])  # 1 - π(y), to full precision
-        del z
+        q_y = -torch.expm1(q[r, col] - lse_s[r])  # 1 - π(y), to full precision
+        q.sub_(lse_s[:, None]).exp_().neg_()  # -π on the chunk
+        q[r, col] = q_y
         for a, b_obs, b in slices:
-            q_o = q[a:b_obs] * w[a:b_obs, None]  # w_o q_o
             if hidden_factor:
-                m = q_o.t() @ h[a:b_obs]  # [chunk, D]
-                acc[a:b] += (q[a:b] * (h[a:b] @ m.t())).sum(-1)
+                m = q[a:b_obs].t() @ wh[a:b_obs]  # M on the chunk: [chunk, D]
+                acc[a:b] += (h[a:b] @ m.t()).mul_(q[a:b]).sum(-1)
             else:
-                acc[a:b] += q[a:b] @ q_o.sum(0)
+                acc[a:b] += q[a:b] @ (w[a:b_obs] @ q[a:b_obs])
     out[order] = acc
     return out
