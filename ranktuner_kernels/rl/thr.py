@@ -28,6 +28,7 @@ smallest, over the correct responses, of the mean THR of a response's tokens.
 Nothing here materialises ``N × V`` probabilities: :func:`thr_pair_sums` dispatches through the
 losses' ``Backend`` to the Triton kernel (``ranktuner_kernels.kernels.thr``) on CUDA, or to the
 streaming torch version (``ranktuner_kernels.reference.thr``) otherwise. Everything runs without gradient.
+From the hidden states and the LM head, never forming the logits: :mod:`ranktuner_kernels.rl.thr_linear`.
 """
 
 from __future__ import annotations
