@@ -276,6 +276,29 @@ def row_stats(logits: torch.Tensor, target: torch.Tensor, ignore_index: int, sof
     return stats, (terms if formula is not None else None)
 
 
+#: ptxas's register cap for the launches with one accumulator more than the default pass (CUDA
+#: only; ROCm's Triton rejects the keyword). Left to itself, ptxas holds the pass with ``sum z'``
+#: (label smoothing) to 168 registers and spills 8 bytes (float32, soft-cap, temperature,
+#: V = 50257, sm_90/sm_100, Triton 3.9); allowed 255 it takes 172-192 and spills none.
+MAXNREG = 255
+
+
+def launch_config(v_size: int, slots) -> dict:
+    """The fixed launch for the output ``slots`` asked for, by the number of per-lane
+    accumulators (``[BLOCK_V]`` float32 each) the pass carries: the default three (``u, a, r``)
+    at 4 warps; one more at 4 warps with :data:`MAXNREG`; five or six (several optional
+    statistics) spread over 8 warps, 8 elements per thread and accumulator instead of 16 (at 4
+    warps they take up to 252 of a thread's 255 registers; at 8, at most 124). Measured with
+    ``bench.gpu_compile`` for sm_80, sm_90 and sm_100: no stack at V = 2112 or 50257."""
+    accumulators = 3 + sum(slots.get(k) is not None for k in OPTIONAL)
+    if accumulators >= 5:
+        return fixed_config(v_size, full_tile_warps=8)
+    config = fixed_config(v_size)
+    if accumulators == 4 and torch.version.hip is None:
+        config["maxnreg"] = MAXNREG
+    return config
+
+
 def _launch(logits, target, slots, terms, scale, zy_in, ignore_index, softcap, temperature, formula_params, formula,
             switches):
     """One launch of the statistics kernel over ``[B, T, V]`` logits: ``slots``, the output
@@ -292,4 +315,4 @@ def _launch(logits, target, slots, terms, scale, zy_in, ignore_index, softcap, t
     if AUTOTUNE:
         _row_stats_autotuned[(n,)](*args, **kw)
     else:
-        _row_stats_kernel[(n,)](*args, **kw, **fixed_config(v_size))
+        _row_stats_kernel[(n,)](*args, **kw, **launch_config(v_size, slots))

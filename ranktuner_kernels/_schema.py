@@ -17,7 +17,8 @@ from typing import Callable, NamedTuple, Optional
 import torch
 
 from ._chunks import one_sweep, wanted_grads
-from .reference import ROW_STATS, STAT_NAMES, RowStats, compute_dtype, kind_dtype as stat_dtype_of_kind
+from .reference import ROW_STATS, STAT_NAMES, RowStats, compute_dtype, kind_dtype
+from .reference.stats import FLOAT
 
 #: :attr:`Output.kind` besides the statistics' kinds (``reference.stats``: float, int64, bool):
 #: the loss (a scalar, or the target's shape for ``reduction="none"``), and an input's like
@@ -30,7 +31,7 @@ def always(params, want) -> bool:
 
 class Output(NamedTuple):
     """A tensor a Function returns (or saves, for its op to return): ``kind`` gives its shape
-    and dtype (``[N]`` in the compute dtype for ``"float"``, :data:`LOSS`, or ``"like:h"``:
+    and dtype (``[N]`` of a statistic's kind, ``"float"`` the compute dtype; :data:`LOSS`; or ``"like:h"``:
     an input's), ``present(params, want)`` whether it exists (else None; an empty placeholder
     in an op's output list). ``want``: the fused path's wanted gradients (else None)."""
 
@@ -48,9 +49,9 @@ def _stat_output(stat) -> Output:
 #: Every statistic of the statistics pass, present when computed.
 STAT_OUTPUTS = tuple(_stat_output(s) for s in ROW_STATS)
 #: The token terms of the losses (SPEC, "One mechanism"): the loss, the weight, the z-loss term.
-TERM_OUTPUTS = (Output("loss", LOSS), Output("w", "float"),
-                Output("z_loss", "float", lambda params, want: params.z_loss > 0))
-BETA = Output("beta", "float", lambda params, want: params.weighting.has_entropy_term)
+TERM_OUTPUTS = (Output("loss", LOSS), Output("w", FLOAT),
+                Output("z_loss", FLOAT, lambda params, want: params.z_loss > 0))
+BETA = Output("beta", FLOAT, lambda params, want: params.weighting.has_entropy_term)
 #: The fused loss's gradients formed in the forward sweep (for an upstream gradient of 1).
 STORED_GRADS = tuple(Output(f"stored_d{x}", LIKE + x, lambda params, want, x=x: one_sweep(params, want)
                             and getattr(want, x)) for x in ("h", "weight", "bias"))
@@ -175,7 +176,7 @@ def _placeholder(o: Output, args, params):
 
 def _kind_dtype(kind, args):
     """The dtype of an output of ``kind`` (the loss: the compute dtype, as a float statistic)."""
-    return stat_dtype_of_kind("float" if kind == LOSS else kind, _float_dtype(args))
+    return kind_dtype(FLOAT if kind == LOSS else kind, _float_dtype(args))
 
 
 def _fake(o: Output, args, params):

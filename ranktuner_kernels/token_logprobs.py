@@ -3,10 +3,13 @@ fused ``linear_cross_entropy`` returns, on the same kernels as the losses.
 
     logp, ent = rk.logprobs(logits, tokens, temperature=0.7)
     logp, ent = rk.linear_logprobs(hidden, lm_head.weight, tokens, temperature=0.7)
+    logp, ent, stats = rk.logprobs(logits, tokens, return_stats=("log_sum_p2", "is_top1"))
 
 Forward: one statistics pass per row (the fused-linear path chunk by chunk, never holding the
 ``N x V`` logits): ``log pi(y_t)`` and ``H_t`` of ``softmax(z')``, ``z' = c tanh(z/c) / T``. Under
-``torch.no_grad()`` (old-policy and reference passes) that is all it does. Backward, for
+``torch.no_grad()`` (old-policy and reference passes) that is all it does; ``return_stats``
+adds the per-token statistics asked for from that same pass (the optional ones, such as
+``log_sum_p2``, ``logit_mean``, ``is_top1``, by an extra accumulator each). Backward, for
 upstream gradients ``a_t`` on ``logp`` and ``b_t`` on ``H`` (either may be absent), the one
 gradient of SPEC with ``w = -a``, ``beta = -b``:
 
