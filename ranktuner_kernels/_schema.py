@@ -119,11 +119,12 @@ class FunctionSpec(NamedTuple):
         return wanted_grads(needs, args["bias"], params.grad_enabled) if self.fused else None
 
     def grads_present(self, want) -> tuple:
+        """Which of :attr:`grad_inputs` get a gradient."""
         return tuple(want) if self.fused else (True,) * len(self.grad_inputs)
 
     def pack(self, params, want, values: dict, args: dict) -> list:
         """An op's fixed output list: every op output, an empty placeholder where absent."""
-        return [_present(values[o.name]) if o.present(params, want) else _placeholder(o, args, params)
+        return [_present(values[o.name]) if o.present(params, want) else _placeholder(o, args)
                 for o in self.op_outputs]
 
     def unpack(self, params, want, tensors) -> dict:
@@ -132,19 +133,21 @@ class FunctionSpec(NamedTuple):
 
     def fake(self, params, want, args: dict) -> list:
         """The shapes and dtypes of :meth:`pack`'s list (the op's fake implementation)."""
-        return [_fake(o, args, params) if o.present(params, want) else _placeholder(o, args, params)
+        return [_fake(o, args, params) if o.present(params, want) else _placeholder(o, args)
                 for o in self.op_outputs]
 
     def pack_grads(self, want, grads: dict, args: dict) -> list:
-        """A backward op's fixed list: the gradient of each of :attr:`grad_inputs`."""
-        return [grads[k] if ok else _empty(args[k] if args[k] is not None else args[self.inputs[0]])
+        """A backward op's fixed list: the gradient of each of :attr:`grad_inputs` (``args``:
+        the saved tensors by name), an empty placeholder where not wanted."""
+        return [grads[k] if ok else _placeholder(Output(k, LIKE + k), args)
                 for k, ok in zip(self.grad_inputs, self.grads_present(want))]
 
     def fake_grads(self, want, args: dict) -> list:
-        return [torch.empty_like(args[k]) if ok else _empty(args[k] if args[k] is not None else args[self.inputs[0]])
+        return [torch.empty_like(args[k]) if ok else _placeholder(Output(k, LIKE + k), args)
                 for k, ok in zip(self.grad_inputs, self.grads_present(want))]
 
     def unpack_grads(self, want, tensors) -> dict:
+        """``{input name: gradient or None}`` of a backward op's list."""
         return {k: t if ok else None for k, t, ok in zip(self.grad_inputs, tensors, self.grads_present(want))}
 
 
@@ -167,7 +170,8 @@ def _float_dtype(args):
     return compute_dtype(_first(args).dtype)
 
 
-def _placeholder(o: Output, args, params):
+def _placeholder(o: Output, args):
+    """The empty stand-in of an absent output: of the dtype it would have."""
     if o.kind.startswith(LIKE):
         like = args[o.kind[len(LIKE):]]
         return _empty(like if like is not None else _first(args))
@@ -231,15 +235,21 @@ class PublicStat(NamedTuple):
     value: Callable
 
 
-#: The keys of ``return_stats`` / ``token_stats``: four derived ones, then every statistic but
-#: ``target_logit`` and ``max_logit`` as it is (a new statistic appears here by itself).
+def _as_is(stat) -> PublicStat:
+    return PublicStat(stat.name, stat.name if stat.optional else None, lambda st, n=stat.name: getattr(st, n))
+
+
+_DERIVED = {"p_t": lambda s: s.logp_t.exp(), "entropy_bits": lambda s: s.entropy / math.log(2),
+            "p_max": lambda s: s.p_max, "accuracy": lambda s: s.target_logit >= s.max_logit}
+_FIRST = ("p_t", "logp_t", "entropy", "entropy_bits", "p_max", "rank", "lse", "accuracy")
+_HIDDEN = ("target_logit", "max_logit")
+_BY_NAME = {s.name: s for s in ROW_STATS}
+#: The keys of ``return_stats`` / ``token_stats``, in this order: the first ones (four derived
+#: from the statistics), then every other statistic as it is but ``target_logit`` and
+#: ``max_logit`` (a new statistic appears here by itself).
 PUBLIC_STATS = (
-    PublicStat("p_t", None, lambda s: s.logp_t.exp()),
-    PublicStat("entropy_bits", None, lambda s: s.entropy / math.log(2)),
-    PublicStat("p_max", None, lambda s: s.p_max),
-    PublicStat("accuracy", None, lambda s: s.target_logit >= s.max_logit),
-    *(PublicStat(s.name, s.name if s.optional else None, lambda st, n=s.name: getattr(st, n)) for s in ROW_STATS
-      if s.name not in ("target_logit", "max_logit")),
+    *(PublicStat(k, None, _DERIVED[k]) if k in _DERIVED else _as_is(_BY_NAME[k]) for k in _FIRST),
+    *(_as_is(s) for s in ROW_STATS if s.name not in _FIRST + _HIDDEN),
 )
 #: The keys only a loss has: the weight used, and the z-loss term (with ``z_loss > 0``).
 LOSS_STATS = ("weight", "z_loss")
