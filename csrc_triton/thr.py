@@ -196,7 +196,7 @@ def row_lse_entropy(logits: torch.Tensor, rows: torch.Tensor | None = None):
         zeros = torch.zeros(n, dtype=torch.float32, device=logits.device)
         return zeros, zeros.clone()
     stats, _ = row_stats(rows3, target, ignore_index=-1)
-    return stats[0], stats[4]
+    return stats["lse"], stats["entropy"]
 
 
 def thr_pair_sums(logits, tokens, u_rows, u_group, o_rows, o_group, o_weight, hidden=None, *,

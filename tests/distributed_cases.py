@@ -110,7 +110,8 @@ def compare_stats(got, single, exact):
     rounded to the input dtype by the GEMM, the single-process call's stats)."""
     assert torch.equal(got["rank"], single["rank"]), f"rank {got['rank'].tolist()} vs {single['rank'].tolist()}"
     assert torch.equal(got["accuracy"], single["accuracy"])
-    for key in ("lse", "logp_t", "entropy", "p_max"):
+    assert torch.equal(got["is_top1"], single["is_top1"])  # the ties after the target, counted across shards
+    for key in ("lse", "logp_t", "entropy", "p_max", "logit_mean", "log_sum_p2"):
         torch.testing.assert_close(got[key].double(), exact[key].double(), rtol=2e-5, atol=2e-5, equal_nan=True,
                                    msg=lambda m: f"{key}: {m}")
     torch.testing.assert_close(got["weight"].double(), exact["weight"].double(), rtol=1e-4, atol=1e-6,
