@@ -22,6 +22,7 @@ import ranktuner_kernels as rk
 
 from . import class_built_on_first_use
 from . import transformers as _rkt
+from .transformers.checks import _RESERVED_LINEAR, _check_weighting
 
 __all__ = ["SFTTrainer"]
 
@@ -41,7 +42,7 @@ def _import_trl():
 def _split_kwargs(trl_init, kwargs: dict) -> tuple[dict, dict]:
     """``(TRL's keyword arguments, patch_model's)``; a name that is neither raises TypeError."""
     trl_params = set(inspect.signature(trl_init).parameters) - {"self"}
-    loss_params = set(inspect.signature(rk.linear_cross_entropy).parameters) - _rkt._RESERVED_LINEAR
+    loss_params = set(inspect.signature(rk.linear_cross_entropy).parameters) - _RESERVED_LINEAR
     loss_params |= set(_PATCH_KEYWORDS)
     ours = {}
     for key in list(kwargs):
@@ -97,7 +98,7 @@ def _sft_trainer_class():
 
         def __init__(self, *args, weighting="sft", **kwargs):
             kwargs, loss_options = _split_kwargs(trl.SFTTrainer.__init__, kwargs)
-            _rkt._check_weighting(weighting)
+            _check_weighting(weighting)
             if kwargs.get("compute_loss_func") is not None:
                 raise ValueError("compute_loss_func: this SFTTrainer computes the loss with the fused, reweighted "
                                  "path; use trl.SFTTrainer for a loss function of your own")
