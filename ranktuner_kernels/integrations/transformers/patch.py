@@ -5,6 +5,7 @@ original forward."""
 
 from __future__ import annotations
 
+import copy
 import functools
 import inspect
 import types
@@ -23,7 +24,33 @@ _PATCH_ATTR = "_ranktuner_patch"
 _MARK = "_ranktuner_patched_forward"
 
 
-class _PatchState:
+class _CopiedNotPickled:
+    """Base of the state a patch keeps on a model instance (its replaced ``forward`` and options):
+    ``copy.deepcopy`` of the model copies it (the copy is patched on its own: the bound forwards
+    are rebound to the copy), pickling refuses it (``TypeError``).
+
+    Pickle cannot keep such a patch: it stores a bound method as ``getattr(model, "forward")``
+    and evaluates that while the loaded model's ``__dict__`` is still empty, which finds the
+    class's ``forward``; the loaded model would run the plain forward (plain cross-entropy)
+    while still carrying the patch's state. ``install`` names the call to redo after loading."""
+
+    install = "patch_model"
+    undo = "unpatch_model(model)"
+
+    def __reduce_ex__(self, protocol):
+        raise TypeError(f"model: a model patched by {self.install} cannot be pickled (torch.save(model), "
+                        f"pickle): the loaded model would run its class's plain forward without the patch. Save it "
+                        f"with model.save_pretrained(path) (or torch.save(model.state_dict())), load it and call "
+                        f"{self.install} again; or {self.undo} before pickling")
+
+    def __deepcopy__(self, memo):
+        clone = type(self).__new__(type(self))
+        memo[id(self)] = clone
+        clone.__dict__.update(copy.deepcopy(self.__dict__, memo))
+        return clone
+
+
+class _PatchState(_CopiedNotPickled):
     """What :func:`patch_model` stored on the model (as ``model._ranktuner_patch``)."""
 
     def __init__(self, original, had_instance_forward, instance_forward, config, plan):
@@ -112,6 +139,9 @@ def patch_model(model, weighting="sft", *, ignore_index: int = -100, eval_logits
         **options: further keyword options of :func:`rk.linear_cross_entropy` (``chunk_size``,
             ``impl``, and what the core offers, e.g. ``temperature``, ``label_smoothing``,
             ``z_loss``); with ``eval_logits``, those :func:`rk.cross_entropy` takes are passed to it.
+
+    ``copy.deepcopy(model)`` is patched on its own; pickling a patched model (``torch.save(model)``)
+    raises ``TypeError``: save with ``save_pretrained`` (or the ``state_dict``), load, and patch again.
 
     Returns:
         ``model`` (patched in place). Patching a patched model replaces its options.
