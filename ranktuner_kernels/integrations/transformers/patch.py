@@ -35,13 +35,14 @@ class _CopiedNotPickled:
     while still carrying the patch's state. ``install`` names the call to redo after loading."""
 
     install = "patch_model"
-    undo = "unpatch_model(model)"
+    undo = "unpatch_model(model)"  # how to pickle the plain model, if there is a way
 
     def __reduce_ex__(self, protocol):
+        undo = f"; or {self.undo} before pickling" if self.undo else ""
         raise TypeError(f"model: a model patched by {self.install} cannot be pickled (torch.save(model), "
                         f"pickle): the loaded model would run its class's plain forward without the patch. Save it "
                         f"with model.save_pretrained(path) (or torch.save(model.state_dict())), load it and call "
-                        f"{self.install} again; or {self.undo} before pickling")
+                        f"{self.install} again{undo}")
 
     def __deepcopy__(self, memo):
         clone = type(self).__new__(type(self))
@@ -241,7 +242,8 @@ def _patched_forward(self, *args, **kwargs):
     state = getattr(self, _PATCH_ATTR, None)
     if state is None:
         raise RuntimeError("patched forward called on a model without ranktuner patch state")
-    if not state.active:
+    if not state.active or "fused_lm_head" in kwargs:
+        # a call for a fused LM head installed before the patch (add_fused_lm_head) goes to that head
         return state.original(*args, **kwargs)
     arguments = _bind(self, args, kwargs)
     labels = arguments.pop("labels", None)

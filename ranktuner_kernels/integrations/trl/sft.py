@@ -20,9 +20,9 @@ import torch
 
 import ranktuner_kernels as rk
 
-from . import class_built_on_first_use
-from . import transformers as _rkt
-from .transformers.checks import _RESERVED_LINEAR, _check_weighting
+from .. import class_built_on_first_use
+from .. import transformers as _rkt
+from ..transformers.checks import _RESERVED_LINEAR, _check_weighting
 
 __all__ = ["SFTTrainer"]
 
@@ -168,9 +168,3 @@ def _sft_trainer_class():
             return loss, outputs
 
     return SFTTrainer
-
-
-def __getattr__(name):  # PEP 562: TRL is imported when the class is first asked for
-    if name == "SFTTrainer":
-        return _sft_trainer_class()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
