@@ -117,9 +117,10 @@ def install_head(model, *, temperature=1.0, cast_lm_head_to_fp32=False, outputs=
     """:func:`add_fused_lm_head`, with an optional objective: with ``weighting`` (a name or config
     of ``rk.weightings``), the ``loss`` of a fused call is that objective from
     :func:`rk.linear_cross_entropy` (``loss_options``: its further options but ``temperature``,
-    which is the head's) instead of the NLL, the output gets the attribute ``weighted_loss`` (the
-    objective alone, before the router term), and ``log_probs`` / ``entropy`` are the objective's
-    statistics, without gradient. Returns ``model``."""
+    which is the head's), summed over the kept tokens and divided as the NLL would be, without
+    the router term (``aux_loss`` is still returned: the trainer weighs it, as TRL's SFTTrainer
+    does); ``log_probs`` / ``entropy`` are then the objective's statistics, without gradient.
+    Returns ``model``."""
     wrapper, model = model, _unwrap(model)
     temperature = _check_temperature(temperature)
     if not isinstance(cast_lm_head_to_fp32, bool):
@@ -260,15 +261,14 @@ def _fused(self, state, args, kwargs):
     out = {name: _scatter(mask, fields[name]) if name in fields else None for name in FIELDS}
     count = mask.sum()
     denominator = count.clamp(min=1) if num_items_in_batch is None else num_items_in_batch
-    weighted = None if objective is None else objective / denominator
-    loss = -out["log_probs"].sum() / denominator if weighted is None else weighted
     aux_term, aux_loss = _router_aux(self, plan, arguments, base)
-    if aux_term is not None:
-        loss = loss + aux_term.to(loss.device)
-    result = fused_output_class()(loss=loss, **out, label_mask=mask, aux_loss=aux_loss)
-    if weighted is not None:
-        object.__setattr__(result, "weighted_loss", weighted)  # an attribute: to_tuple() sees TRL's fields
-    return result
+    if objective is not None:  # install_head's objective: the router term is left to the trainer
+        loss = objective / denominator
+    else:
+        loss = -out["log_probs"].sum() / denominator
+        if aux_term is not None:
+            loss = loss + aux_term.to(loss.device)
+    return fused_output_class()(loss=loss, **out, label_mask=mask, aux_loss=aux_loss)
 
 
 def _targets(hidden, labels, shift_labels):
