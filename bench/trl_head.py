@@ -223,13 +223,15 @@ def markdown(env, rows, device):
     head_line = ", ".join(f"{k} {v}" for k, v in env.items())
     gpu = ("GPU numbers: waiting for a GPU (`python -m bench.trl_head --device cuda`, in `bench.on_gpu`'s list)."
            if device == "cpu" else "")
+    noise = ("On a shared CPU (load average above) the times of one case vary by tens of percent between runs; "
+             "the memory and the errors do not.\n\n" if device == "cpu" else "")
     return (f"# TRL's fused LM head against ours\n\n`python -m bench.trl_head{' --device cuda' if device == 'cuda' else ''}"
             f" --update`: {head_line}.\n\nForward and backward of the log-probabilities and entropies of "
             f"N = {size['n']} rows, D = {size['d']}, {size['dtype']} (each case in a fresh process; time: median of "
             f"the runs after a warm-up; memory: peak above the inputs). Precision: {N_PREC} rows with near-certain "
             f"targets (the rows kept have 1 - p in the range shown), largest relative error against float64 on the "
             f"same inputs; the last column is what float32 logits allow (2 max|dz|, dz the error of h @ W.T in "
-            f"float32).\n\n{table(rows)}\n\n{gpu}\n")
+            f"float32).\n\n{table(rows)}\n\n{noise}{gpu}\n")
 
 
 def main(argv=None):
