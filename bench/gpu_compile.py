@@ -20,7 +20,8 @@ Two steps, two processes:
 
 Launch shapes: the vocabulary is 2112 wide (one full 2048 tile, the GPU default, and a
 ragged tail), so the row kernels compile at their production block sizes; THR is recorded
-with its GPU launch (``thr.GPU_LAUNCH``: blocks, warps, stages, ``maxnreg``); for gfx942 a
+with its GPU launch (``thr.GPU_LAUNCH``: blocks, warps, stages, ``maxnreg``), both precisions,
+at ``V_RECORD`` and at ``V_RAGGED`` (not a multiple of 16); for gfx942 a
 launch is compiled as the library makes it on ROCm (:func:`_rocm_launch`).
 
 The subprocesses run this file by its path (``python .../bench/gpu_compile.py --worker`` /

@@ -34,6 +34,9 @@ def must_not_spill(name: str, target: str) -> bool:
 #: The vocabulary width the launches are recorded at: a full 2048 tile plus a ragged tail, and a
 #: multiple of 16 as LLM vocabularies are (Triton specializes the row strides on it: 16-byte loads).
 V_RECORD = 2112
+#: THR is also recorded at a vocabulary that is not a multiple of 16 (as GPT-2's 50,257 is): rows
+#: not 16-element aligned, scalar loads.
+V_RAGGED = 4100
 
 
 @dataclass
@@ -79,22 +82,26 @@ def statistics_calls(x: Inputs):
 
 
 def thr_calls(x: Inputs):
-    """THR's pair sums, without and with hidden states, at its GPU default blocks (the
-    interpreter's smaller ones are a CPU speed choice)."""
+    """THR's pair sums, without and with hidden states, in both precisions, at its GPU default
+    blocks (the interpreter's smaller ones are a CPU speed choice), at :data:`V_RAGGED` first (so
+    that the one-per-switch-set lists of the other targets get that case), then at ``V_RECORD``."""
     import torch
 
     import ranktuner_kernels as rk
     from ranktuner_kernels.kernels import thr as thr_kernels
 
     b, t, d = x.h.shape
+    ragged = torch.randn(b, t, V_RAGGED, generator=torch.Generator().manual_seed(1)).to(x.z.dtype)
     saved = thr_kernels._interpreting
     thr_kernels._interpreting = lambda: False
     try:
         rows = torch.arange(b * t)
         grp = torch.zeros(b * t, dtype=torch.long)
-        for hidden in (None, x.h.reshape(b * t, d)):
-            rk.rl.thr.thr_pair_sums(x.z, x.y.clamp_min(0).reshape(-1), rows, grp, rows, grp,
-                                    torch.ones(b * t), hidden, impl="triton")
+        for z in (ragged, x.z):
+            for hidden in (None, x.h.reshape(b * t, d)):
+                for precision in ("ieee", "tf32"):
+                    rk.rl.thr.thr_pair_sums(z, x.y.clamp_min(0).reshape(-1), rows, grp, rows, grp,
+                                            torch.ones(b * t), hidden, impl="triton", precision=precision)
     finally:
         thr_kernels._interpreting = saved
 

@@ -10,7 +10,8 @@ skipped and said so):
 1. the GPU tests (``pytest -m gpu``), 2. the kernels' and numerics tests on the device (the
 GPU's ``exp``/``log`` are approximate: the 1e-5 confident-token bound must hold there too),
 3. the headline of both paths with the peers that are installed (Qwen2.5-7B head, N = 8192),
-4. the fused linear path's memory-time frontier, 5. the THR benchmark.
+4. the fused linear path's memory-time frontier, 5. the THR benchmark, 6. TRL's fused LM head
+against ours (``bench.trl_head``).
 
 Writes ``on_gpu.json`` (device, versions, commit, each step's status, time and log tail)
 besides what each step writes itself, all to a scratch folder unless ``--update`` (then into
@@ -44,6 +45,8 @@ STEPS = [
     ("frontier", [sys.executable, "-m", "bench.compare", "--suite", "frontier", "--reps", "3", "--warmup", "1"],
      120, 180),
     ("THR benchmark", [sys.executable, "-m", "bench.thr_bench", "--device", "cuda"], 60, 120),
+    ("TRL's head vs ours", [sys.executable, "-m", "bench.trl_head", "--device", "cuda", "--reps", "5", "--update"],
+     30, 90),
 ]
 
 

@@ -13,6 +13,9 @@ Implementations:
 * ``torch-stream``: ``ranktuner_kernels.reference.thr.thr_pair_sums`` (vocabulary chunks of
   8192; the CPU fallback).
 * ``triton`` / ``triton-tf32`` (GPU only): the kernel ``ranktuner_kernels.kernels.thr``.
+* ``torch-linear`` (the cases marked ``head``): ``reference.thr.linear_thr_sums`` from the hidden
+  states ``[N, D]`` and a head ``[V, D]`` (``logits = h Wᵀ``, which the other rows get
+  materialised as their input), never forming the logits; its time includes its lse pass.
 
 Time: median of ``--reps`` runs after a warm-up (CUDA events on the GPU). Memory: peak bytes
 above the inputs: ``torch.cuda.max_memory_allocated`` on the GPU; on the CPU the rise of the
@@ -37,22 +40,33 @@ import torch
 
 from ranktuner_kernels.reference import thr as ref
 
-CPU_CASES = [(256, 8192, 64), (512, 8192, 64), (512, 32768, 64), (1024, 32768, 0), (1024, 32768, 256)]
-GPU_CASES = [(1024, 32768, 1024), (4096, 32768, 1024), (4096, 152064, 3584), (8192, 152064, 3584), (8192, 152064, 0)]
+#: ``(N, V, D, head)``: ``head`` makes the logits ``h Wᵀ`` of hidden states and a head (and adds torch-linear)
+CPU_CASES = [(256, 8192, 64, False), (512, 8192, 64, False), (512, 32768, 64, False), (1024, 32768, 0, False),
+             (1024, 32768, 256, False), (1024, 32768, 256, True), (2048, 32768, 256, True)]
+GPU_CASES = [(1024, 32768, 1024, False), (4096, 32768, 1024, False), (4096, 152064, 3584, False),
+             (8192, 152064, 3584, False), (8192, 152064, 0, False), (8192, 152064, 3584, True)]
 
 
-def make_inputs(n, v, d, device, seed=0):
+def make_inputs(n, v, d, device, seed=0, head=False):
+    """The pair-sum arguments; with ``head`` the logits are ``h Wᵀ`` (hidden states pulled towards
+    their token's head row) and the head ``W [V, D]`` is appended."""
     g = torch.Generator(device=device).manual_seed(seed)
-    logits = torch.randn(n, v, generator=g, device=device).mul_(2)  # in place: no transient copy (CPU peak RSS)
     tokens = torch.randint(0, v, (n,), generator=g, device=device)
-    logits[torch.arange(n, device=device), tokens] += torch.rand(n, generator=g, device=device) * 10 - 2
-    hidden = torch.randn(n, d, generator=g, device=device).div_(max(d, 1) ** 0.5) if d else None
+    if head:
+        weight = torch.randn(v, d, generator=g, device=device).mul_(3 / d**0.5)
+        hidden = torch.randn(n, d, generator=g, device=device).div_(d**0.5)
+        hidden += torch.rand(n, 1, generator=g, device=device) * 2 * weight[tokens] / d**0.5
+        logits = hidden @ weight.T
+    else:
+        logits = torch.randn(n, v, generator=g, device=device).mul_(2)  # in place: no transient copy (CPU peak RSS)
+        logits[torch.arange(n, device=device), tokens] += torch.rand(n, generator=g, device=device) * 10 - 2
+        hidden = torch.randn(n, d, generator=g, device=device).div_(max(d, 1) ** 0.5) if d else None
     u_rows = torch.arange(n, device=device)
     o_rows = torch.arange(0, n, 2, device=device)  # every other token "correct"
     zeros_u = torch.zeros(n, dtype=torch.long, device=device)
     zeros_o = torch.zeros(o_rows.numel(), dtype=torch.long, device=device)
     w = torch.ones(o_rows.numel(), device=device)
-    return logits, tokens, u_rows, zeros_u, o_rows, zeros_o, w, hidden
+    return (logits, tokens, u_rows, zeros_u, o_rows, zeros_o, w, hidden) + ((weight,) if head else ())
 
 
 def naive(logits, tokens, u_rows, u_group, o_rows, o_group, o_weight, hidden):
@@ -66,13 +80,24 @@ def naive(logits, tokens, u_rows, u_group, o_rows, o_group, o_weight, hidden):
     return (o_weight[:, None] * s).sum(0)
 
 
-def impls(device):
-    out = {"naive": naive, "torch-stream": lambda *a: ref.thr_pair_sums(*a)}
+def linear(logits, tokens, u_rows, u_group, o_rows, o_group, o_weight, hidden, weight):
+    """``reference.thr.linear_thr_sums`` on the hidden states and the head (single group; the
+    logits are not read)."""
+    w_all = torch.zeros(hidden.shape[0], dtype=o_weight.dtype, device=hidden.device)
+    w_all[o_rows] = o_weight
+    group = torch.zeros(hidden.shape[0], dtype=torch.long, device=hidden.device)
+    return ref.linear_thr_sums(hidden, weight, None, tokens, group, w_all)[u_rows]
+
+
+def impls(device, head=False):
+    out = {"naive": lambda *a: naive(*a[:8]), "torch-stream": lambda *a: ref.thr_pair_sums(*a[:8])}
     if device == "cuda":
         from ranktuner_kernels.kernels.thr import thr_pair_sums as k
 
-        out["triton"] = lambda *a: k(*a, precision="ieee")
-        out["triton-tf32"] = lambda *a: k(*a, precision="tf32")
+        out["triton"] = lambda *a: k(*a[:8], precision="ieee")
+        out["triton-tf32"] = lambda *a: k(*a[:8], precision="tf32")
+    if head:
+        out["torch-linear"] = lambda *a: linear(*a)
     return out
 
 
@@ -95,33 +120,35 @@ def time_fn(fn, args, device, reps):
     return statistics.median(times)
 
 
-def measure_cpu_child(name, n, v, d, reps):
+def measure_cpu_child(name, n, v, d, head, reps):
     """Run in a fresh process: inputs, then the peak-RSS rise of one run, then the timing."""
     torch.set_num_threads(int(os.environ.get("THR_BENCH_THREADS", "1")))
-    args = make_inputs(n, v, d, "cpu")
-    fn = impls("cpu")[name]
+    args = make_inputs(n, v, d, "cpu", head=head)
+    fn = impls("cpu", head)[name]
+    run_args = (None, *args[1:]) if name == "torch-linear" else args  # torch-linear reads no logits
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    out = fn(*args)
+    out = fn(*run_args)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    ms = time_fn(fn, args, "cpu", reps)
-    want = naive(*args).double()
+    ms = time_fn(fn, run_args, "cpu", reps)
+    want = naive(*args[:8]).double()
     err = float((out.double() - want).abs().max() / want.abs().max())
     return {"ms": ms, "peak_extra_mib": (peak - before) / 1024, "rel_err_vs_naive": err}
 
 
 def run(device, cases, reps):
     rows = []
-    for n, v, d in cases:
-        names = list(impls(device))
+    for n, v, d, head in cases:
+        names = list(impls(device, head))
         for name in names:
             if device == "cpu":
-                cmd = [sys.executable, "-m", "bench.thr_bench", "--child", name, str(n), str(v), str(d), str(reps)]
+                cmd = [sys.executable, "-m", "bench.thr_bench", "--child", name, str(n), str(v), str(d), str(int(head)),
+                       str(reps)]
                 res = subprocess.run(cmd, capture_output=True, text=True, check=True,
                                      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
                 r = json.loads(res.stdout.strip().splitlines()[-1])
             else:
-                args = make_inputs(n, v, d, "cuda")
-                fn = impls("cuda")[name]
+                args = make_inputs(n, v, d, "cuda", head=head)
+                fn = impls("cuda", head)[name]
                 try:
                     torch.cuda.synchronize()
                     torch.cuda.reset_peak_memory_stats()
@@ -130,24 +157,25 @@ def run(device, cases, reps):
                     torch.cuda.synchronize()
                     peak = torch.cuda.max_memory_allocated() - base
                     ms = time_fn(fn, args, "cuda", reps)
-                    want = naive(*args).double() if name != "naive" else out.double()
+                    want = naive(*args[:8]).double() if name != "naive" else out.double()
                     err = float((out.double() - want).abs().max() / want.abs().max())
                     r = {"ms": ms, "peak_extra_mib": peak / 2**20, "rel_err_vs_naive": err}
                 except torch.cuda.OutOfMemoryError:
                     r = {"ms": float("nan"), "peak_extra_mib": float("nan"), "rel_err_vs_naive": float("nan"), "oom": True}
                 del args
                 torch.cuda.empty_cache()
-            r.update(n=n, v=v, d=d, impl=name, nv_float32_mib=n * v * 4 / 2**20)
+            r.update(n=n, v=v, d=d, head=head, impl=name, nv_float32_mib=n * v * 4 / 2**20)
             rows.append(r)
             print(json.dumps(r), file=sys.stderr, flush=True)
     return rows
 
 
 def table(rows):
-    lines = ["| N | V | D | impl | ms | peak extra MiB | N×V float32 MiB | rel. err vs naive |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| N | V | D | logits | impl | ms | peak extra MiB | N×V float32 MiB | rel. err vs naive |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['n']} | {r['v']} | {r['d'] or '-'} | {r['impl']} | {r['ms']:.1f} | "
+        lines.append(f"| {r['n']} | {r['v']} | {r['d'] or '-'} | {'h Wᵀ' if r.get('head') else 'random'} | "
+                     f"{r['impl']} | {r['ms']:.1f} | "
                      f"{r['peak_extra_mib']:.1f} | {r['nv_float32_mib']:.0f} | {r['rel_err_vs_naive']:.1e} |")
     return "\n".join(lines)
 
@@ -170,8 +198,8 @@ def environment(device):
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "--child":
-        name, n, v, d, reps = argv[1], *map(int, argv[2:6])
-        print(json.dumps(measure_cpu_child(name, n, v, d, reps)))
+        name, n, v, d, head, reps = argv[1], *map(int, argv[2:7])
+        print(json.dumps(measure_cpu_child(name, n, v, d, bool(head), reps)))
         return None
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")

@@ -42,17 +42,28 @@ __all__ = ["thr_pair_sums", "row_lse_entropy", "PRECISIONS"]
 
 PRECISIONS = ("ieee", "tf32")
 
-#: The GPU launch: 64-row tiles of updating and observed rows, 64-wide vocabulary and hidden
+#: The GPU launch: 64-row tiles of updating and observed rows, 32-wide vocabulary and hidden
 #: tiles, 16 warps, no software pipelining (``num_stages=1``) and ``maxnreg=128`` (CUDA only),
 #: the hardware's cap at 16 warps: without it ptxas fits some variants into 64 registers (two
-#: blocks per SM) by spilling 8-24 bytes of loop invariants. Compiled for sm_80, sm_90 and
-#: sm_100, every recorded variant (float32/bf16/f16 logits, with and without hidden states,
-#: ieee and tf32) keeps 0 stack bytes with Triton 3.9 (80-124 registers) and 3.6 (88-116), and
-#: so does gfx942 with ``GPU_LAUNCH_ROCM`` (136-208 VGPRs; ``bench/results/kernels.md``). The
-#: kernel before the one-Gram form (gathers of ``z`` at the other rows' tokens, in-kernel int64
-#: row division) needed 108-128 registers and 0-24 stack bytes on the NVIDIA targets (116-392 on
-#: gfx942 at 16 wavefronts); 4 warps with 3 stages spilled 16-904 bytes per thread.
-GPU_LAUNCH = dict(block_u=64, block_o=64, block_v=64, block_d=64, num_warps=16, num_stages=1, maxnreg=128)
+#: blocks per SM) by spilling 8-24 bytes of loop invariants.
+#:
+#: Why 32 columns: when a row's start is not 16-element aligned (a vocabulary or row stride that
+#: is not a multiple of 16, e.g. GPT-2's 50,257), Triton cannot vectorize the logits loads and
+#: lays a tile out one element per thread with a warp along 32 columns; at 64 columns the 16 warps
+#: split as 8 x 2 and every thread holds 8 rows of each tile, each row with its 64-bit pointer,
+#: lse and token, beside the tf32 MMA's register operand (64 x 64 float32 per warpgroup). That
+#: spilled 24-192 bytes on sm_90 with Triton 3.9 (16-128 with 3.6). At 32 columns a warp is one
+#: row, a thread holds 4 rows and half the MMA operand. The tile pointers are formed inside the
+#: loop from the row pointers (not carried as ``[rows, BLOCK_V]`` pointer tiles). Compiled for
+#: sm_80, sm_90 and sm_100 at vocabularies 2,112 (aligned) and 4,100 / 50,257 (not), every variant
+#: (float32/bf16/f16 logits, with and without hidden states, contiguous or strided, ieee and tf32)
+#: keeps 0 stack bytes with Triton 3.9 (72-128 registers) and 3.6 (76-124), and so does gfx942
+#: with ``GPU_LAUNCH_ROCM`` (96-168 VGPRs). Aligned rows cost ~8% more loop instructions per
+#: element than at 64 columns (sm_90, tf32: 132 per 8 elements vs 245 per 16). The kernel before
+#: the one-Gram form (gathers of ``z`` at the other rows' tokens, in-kernel int64 row division)
+#: needed 108-128 registers and 0-24 stack bytes on the NVIDIA targets; 4 warps with 3 stages
+#: spilled 16-904 bytes per thread.
+GPU_LAUNCH = dict(block_u=64, block_o=64, block_v=32, block_d=32, num_warps=16, num_stages=1, maxnreg=128)
 #: On ROCm: the same 512 threads per program as 8 wavefronts of 64 (up to 256 VGPRs each; at
 #: 16 wavefronts the cap is 128 and gfx942 spilled 16-116 bytes); ``maxnreg`` is CUDA's.
 GPU_LAUNCH_ROCM = dict(GPU_LAUNCH, num_warps=8, maxnreg=None)
@@ -129,17 +140,13 @@ def _thr_pair_kernel(
         y_o = tl.load(o_tok_ptr + io)
 
         # S = <e_u - π_u, e_o - π_o> over the vocabulary, streamed in tiles (the probabilities
-        # only ever in registers)
+        # only ever in registers; the tile pointers are formed per iteration from the row
+        # pointers, so no [rows, BLOCK_V] pointer tile lives across the loop)
         s = tl.zeros([BLOCK_U, BLOCK_O], dtype=tl.float32)
-        zu_ptrs = u_ptr[:, None] + cols[None, :]
-        zo_ptrs = o_ptr[:, None] + cols[None, :]
         for v0 in range(0, V, BLOCK_V):
-            q_u = _e_minus_p(zu_ptrs, y_u - v0, lse_u, cols, V - v0)
-            q_o = _e_minus_p(zo_ptrs, y_o - v0, lse_o, cols, V - v0)
+            q_u = _e_minus_p(u_ptr[:, None] + (v0 + cols)[None, :], y_u - v0, lse_u, cols, V - v0)
+            q_o = _e_minus_p(o_ptr[:, None] + (v0 + cols)[None, :], y_o - v0, lse_o, cols, V - v0)
             s += tl.dot(q_u, tl.trans(q_o), input_precision=PRECISION)
-            zu_ptrs += BLOCK_V
-            zo_ptrs += BLOCK_V
-
         if HAS_HIDDEN:
             hu_ptr = hid_ptr + u_row.to(tl.int64) * stride_hn
             ho_ptr = hid_ptr + o_row.to(tl.int64) * stride_hn
@@ -189,7 +196,7 @@ def row_lse_entropy(logits: torch.Tensor, rows: torch.Tensor | None = None):
         zeros = torch.zeros(n, dtype=torch.float32, device=logits.device)
         return zeros, zeros.clone()
     stats, _ = row_stats(rows3, target, ignore_index=-1)
-    return stats[0], stats[4]
+    return stats["lse"], stats["entropy"]
 
 
 def thr_pair_sums(logits, tokens, u_rows, u_group, o_rows, o_group, o_weight, hidden=None, *,

@@ -16,7 +16,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from . import _distributed, _inputs
+from . import _distributed, _inputs, _schema
 from ._chunks import autocast_inputs, chunk_rows, resolve_policy
 from ._dispatch import get_backend
 from ._params import LossParams, check_options
@@ -25,6 +25,8 @@ from .weightings import resolve
 
 #: The entry points on hidden states and an LM head (the rest take logits).
 FUSED = ("linear_cross_entropy", "linear_logprobs")
+#: The entry points with a loss (their stats dict has ``weight`` and ``z_loss`` too).
+LOSSES = ("cross_entropy", "linear_cross_entropy")
 
 
 class Call(NamedTuple):
@@ -36,7 +38,8 @@ class Call(NamedTuple):
     tokens that are not ``ignore_index``; ``scale``: ``[N]`` caller's factor (token, sequence
     and class weights) or None; ``norm``: the divisor of ``"mean"`` or None; ``v_size``: the
     whole vocabulary; ``range_check``: when :func:`checked` checks the targets' range
-    (``"before"``, ``"after"`` the computation, or ``"done"``)."""
+    (``"before"``, ``"after"`` the computation, or ``"done"``); ``stat_names``: the keys of the
+    stats dict to return (``_schema.requested``; empty: none)."""
 
     input: torch.Tensor
     linear_weight: Optional[torch.Tensor]
@@ -49,6 +52,7 @@ class Call(NamedTuple):
     v_size: int
     num_items: object
     range_check: str
+    stat_names: tuple = ()
 
     @property
     def shape(self) -> tuple:
@@ -150,6 +154,7 @@ def prepare(
     vocab_size=None,
     dp_group=None,
     reduce_input_grad=True,
+    return_stats=False,
 ) -> Call:
     """Every argument of the entry point ``entry`` (one of the public function names) checked
     and normalised, the backend chosen, the parameters built (see :class:`Call`). The
@@ -166,6 +171,7 @@ def prepare(
     weighting = resolve(weighting)
     ignore_index = _inputs.check_ignore_index(ignore_index)
     tr, label_smoothing, z_loss = check_options(reduction, softcap, temperature, label_smoothing, z_loss)
+    stat_names, asked_stats = _schema.requested(return_stats, entry in LOSSES, z_loss)
     num_items = _inputs.check_num_items(num_items_in_batch)
     if fused:
         input, linear_weight, linear_bias = prepare_hidden(input, linear_weight, linear_bias)
@@ -206,16 +212,16 @@ def prepare(
         _inputs.check_range(flat_target, v_size, ignore_index, num_items)
         range_check = "done"
     else:
-        range_check = "before" if backend.name == "reference" else "after"
+        range_check = backend.range_check
     if shard is not None:
         flat_target = _distributed.local_target(flat_target, shard, ignore_index)
     params = LossParams(weighting, backend, shape, ignore_index, reduction, tr, label_smoothing, z_loss,
                         inplace_backward=bool(inplace_backward), rows=rows, acc_policy=policy,
                         grad_enabled=torch.is_grad_enabled(),
                         batch_gather=None if dp_group is None else _distributed.batch_gather(dp_group),
-                        reduce_input_grad=bool(reduce_input_grad))
+                        reduce_input_grad=bool(reduce_input_grad), asked_stats=asked_stats)
     return Call(data, linear_weight, linear_bias, flat_target, keep, scale, norm, params, v_size, num_items,
-                range_check)
+                range_check, stat_names)
 
 
 def checked(call: Call, compute):

@@ -13,6 +13,8 @@ Chunk rule (:func:`chunk_rows`) and the memory bound: ``linear_loss``'s module d
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from .reference import GradCoefs, RowStats, compute_dtype
@@ -75,21 +77,26 @@ def mm_into(acc, a, b, accumulate: bool) -> None:
     torch.addmm(acc, a, b, out=acc) if accumulate else torch.mm(a, b, out=acc)
 
 
-def needs_grads(ctx, bias, grad_enabled=True):
-    """Which of ``(dh, dW, db)`` to form (``ctx.needs_input_grad`` ignores ``torch.no_grad()``)."""
-    return wanted_grads(ctx.needs_input_grad[:3], bias, grad_enabled)
+class WantedGrads(NamedTuple):
+    """Which gradients of the fused path to form: ``dh``, ``dW``, ``db``."""
+
+    h: bool
+    weight: bool
+    bias: bool
 
 
-def wanted_grads(needs_input_grad, bias, grad_enabled=True):
-    """:func:`needs_grads` from the flags ``(h, weight, bias)`` themselves."""
+def wanted_grads(needs_input_grad, bias, grad_enabled=True) -> WantedGrads:
+    """The one decision of which of ``(dh, dW, db)`` to form, from the requires-grad flags of
+    ``(h, weight, bias)`` (the first three of ``ctx.needs_input_grad``, which ignores
+    ``torch.no_grad()``: hence ``grad_enabled``, the grad mode at the call)."""
     h_g, w_g, b_g = (grad_enabled and bool(x) for x in needs_input_grad[:3])
-    return h_g, w_g, bias is not None and b_g
+    return WantedGrads(h_g, w_g, bias is not None and b_g)
 
 
-def one_sweep(params, needs) -> bool:
+def one_sweep(params, want: WantedGrads) -> bool:
     """Whether the fused path forms its gradients in the forward sweep (for an upstream
     gradient of 1): a row-local weighting, a reduced loss, and some gradient wanted."""
-    return not params.weighting.batch_level and params.reduction != "none" and any(needs)
+    return not params.weighting.batch_level and params.reduction != "none" and any(want)
 
 
 def chunk_logits(h_c, weight, bias):
@@ -102,13 +109,13 @@ class Grads:
     group before the one rounding), dW (the weight's dtype, or a float32 accumulator for
     ``"accurate"``) and a float32 db, filled chunk by chunk."""
 
-    def __init__(self, h, weight, bias, needs, policy, dh_f32=False):
+    def __init__(self, h, weight, bias, want: WantedGrads, policy, dh_f32=False):
         f32 = policy == "accurate"
         dh_dtype = torch.float32 if dh_f32 and h.dtype in (torch.bfloat16, torch.float16) else h.dtype
-        self.dh = torch.empty(h.shape, dtype=dh_dtype, device=h.device) if needs[0] else None
+        self.dh = torch.empty(h.shape, dtype=dh_dtype, device=h.device) if want.h else None
         self.dw = torch.empty(weight.shape, dtype=torch.float32 if f32 else weight.dtype, device=h.device) \
-            if needs[1] else None
-        self.db = torch.empty(weight.shape[0], dtype=compute_dtype(h.dtype), device=h.device) if needs[2] else None
+            if want.weight else None
+        self.db = torch.empty(weight.shape[0], dtype=compute_dtype(h.dtype), device=h.device) if want.bias else None
         self.started = False
 
     def add_chunk(self, start, dz, h_c, weight):
@@ -147,9 +154,8 @@ def gradient_sweep(params, h, weight, bias, target, stats: RowStats, coefs: Grad
         for start in range(0, h.shape[0], params.rows):
             sl = slice(start, min(h.shape[0], start + params.rows))
             logits = chunk_logits(h[sl], weight, bias)[None]
-            chunk = (RowStats(*(None if s is None else s[sl] for s in stats)),
-                     GradCoefs(*(None if c is None else c[sl] for c in coefs)))
-            params.backend.row_grad(logits, target[sl], *chunk, params, out=logits)
+            params.backend.row_grad(logits, target[sl], stats.map(lambda t: t[sl]), coefs.map(lambda t: t[sl]),
+                                    params, out=logits)
             grads.add_chunk(start, logits[0], h[sl], weight)
             del logits
     return grads.final(weight, bias)

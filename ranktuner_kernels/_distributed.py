@@ -1,4 +1,11 @@
-"""Vocabulary-parallel and data-parallel losses on ``torch.distributed`` (``docs/distributed.md``).
+"""The internals of the vocabulary-parallel and data-parallel losses on ``torch.distributed``
+(``docs/distributed.md``).
+
+The rule between the two distributed modules: ``distributed.py`` is the public API, a layer
+over the losses (every name in its ``__all__``, documented for users); this module
+(``_distributed.py``) is the machinery under the losses, which the call preparation
+(``_call``) uses and no user imports: the shard layout, the sharded backend and its merge,
+the data-parallel group helpers and DTensor unwrapping. It never imports a loss.
 
 Vocabulary parallel (``process_group=``): rank ``r`` of the group holds the contiguous columns
 ``[offset_r, offset_r + V_r)`` of the logits (or rows of the LM head), in rank order. Every
@@ -6,11 +13,13 @@ row statistic of SPEC merges across shards, so per row block:
 
 1. the owner of each target loads ``z_y`` (the others ``-inf``): all-reduce MAX -> the global
    untransformed target logit (4 bytes per token);
-2. each rank runs a partial pass over its shard: its max ``m_r`` of ``z'``, the non-target
-   mass ``u_r`` and entropy sum ``a_r`` rescaled to ``m_r``, the rank count ``r_r`` (against
-   the global ``z_y``) and, with label smoothing, ``sum z'``;
-3. all-reduce MAX of ``m_r`` -> ``M`` (4 bytes), then each rank rescales ``u_r``, ``a_r`` to
-   ``M`` and one all-reduce SUM of ``(u, a, r[, sum z'])`` (12 or 16 bytes);
+2. each rank runs a partial pass over its shard: the accumulators of
+   ``reference.stats.ACCUMULATORS`` (its max ``m_r`` of ``z'``, the non-target mass ``u_r`` and
+   entropy sum ``a_r`` rescaled to ``m_r``, the rank count ``r_r`` against the global ``z_y``,
+   and those of the optional statistics asked for: ``sum z'``, ``sum e^{2(z' - m_r)}``, the
+   ties after the target);
+3. all-reduce MAX of ``m_r`` -> ``M`` (4 bytes), then each rank rescales its sums to ``M`` (each
+   by its table's rule) and one all-reduce SUM of them (12 bytes, 4 more per optional one);
 4. the final formulas of the statistics kernel (``reference.finish_row_stats``) on the merged
    values, identical on every rank; the weighting's torch formula; the gradient pass on the
    local shard with the global ``lse``, ``log p_t``, ``H`` (the one-hot term only on the shard
@@ -36,7 +45,7 @@ import torch.distributed as dist
 
 from . import reference
 from ._dispatch import Backend
-from .reference import RowStats, compute_dtype
+from .reference import compute_dtype
 
 
 class VocabShard(NamedTuple):
@@ -90,14 +99,18 @@ def vocab_shard(group, v_local: int, flat_target: torch.Tensor, vocab_offset, vo
 
 
 def local_target(flat_target: torch.Tensor, shard: VocabShard, ignore_index: int) -> torch.Tensor:
-    """Shard-local target indices: ``y - offset`` where this shard owns ``y``; a negative sentinel
-    (never ``ignore_index``) where another shard does, so the row is kept but no column is the
-    target's; ``ignore_index`` stays."""
+    """Shard-local target indices: ``y - offset`` where this shard owns ``y``; where another
+    shard does, a sentinel that keeps the row but names no column and tells on which side the
+    target lies (``is_top1``'s ties count after it): negative (-1, or -2) where the target
+    precedes the shard's columns, ``v_local`` (or ``v_local + 1``) where it follows them, never
+    ``ignore_index``; ``ignore_index`` stays."""
     keep = flat_target != ignore_index
     loc = flat_target - shard.offset
     owned = keep & (loc >= 0) & (loc < shard.v_local)
-    sentinel = -1 if ignore_index != -1 else -2
-    return torch.where(owned, loc, torch.where(keep, sentinel, flat_target)).contiguous()
+    before = -1 if ignore_index != -1 else -2
+    after = shard.v_local if ignore_index != shard.v_local else shard.v_local + 1
+    other = torch.where(loc < 0, before, after)
+    return torch.where(owned, loc, torch.where(keep, other, flat_target)).contiguous()
 
 
 def _all_reduce(t: torch.Tensor, op, group) -> torch.Tensor:
@@ -105,16 +118,21 @@ def _all_reduce(t: torch.Tensor, op, group) -> torch.Tensor:
     return t
 
 
-class ShardedBackend(Backend):
-    """A backend on one vocabulary shard: the local backend's passes, with the row statistics
-    merged across the shard's group (module docstring), EAFT's top-K gathered, and the fused
-    path's input gradient summed over the group. Chosen once per call, by the call preparation."""
+class ShardedBackend:
+    """A :class:`~._dispatch.Backend` on one vocabulary shard, around a whole-vocabulary one
+    (``local``): the local backend's passes, with the row statistics merged across the shard's
+    group (module docstring), EAFT's top-K gathered, and the fused path's input gradient summed
+    over the group. Chosen once per call, by the call preparation."""
 
     sharded = True
+    range_check = "before"  # checked once against the whole vocabulary, before any pass
 
     def __init__(self, local: Backend, shard: VocabShard):
-        super().__init__(local.name)
-        self.shard = shard
+        self.local, self.shard = local, shard
+
+    @property
+    def name(self) -> str:
+        return self.local.name
 
     def vocab(self, v_local: int) -> int:
         return self.shard.v_global
@@ -124,15 +142,20 @@ class ShardedBackend(Backend):
         :func:`local_target`), identical on every rank; the weighting's formula then runs in
         torch (None)."""
         group = self.shard.group
-        dt = compute_dtype(logits.dtype)
         keep = target != params.ignore_index
         zy = _all_reduce(reference.target_logit(logits, target, params.ignore_index), dist.ReduceOp.MAX, group)
-        m, u, a, r, zsum = self.partial_row_stats(logits, target, zy, params)
-        m = m.to(dt)
-        big_m = _all_reduce(m.clone(), dist.ReduceOp.MAX, group)
-        packet = merge_packet(m, big_m, u, a, r, zsum)
-        return finish_merged(big_m, _all_reduce(packet, dist.ReduceOp.SUM, group), zsum is not None, zy, keep,
-                             params.transform, self.shard.v_global), None
+        acc = self.local.partial_row_stats(logits, target, zy, params)
+        big_m = _all_reduce(acc["m"].to(compute_dtype(logits.dtype), copy=True), dist.ReduceOp.MAX, group)
+        names, packet = merge_packet(acc, big_m)
+        merged = dict(zip(names, _all_reduce(packet, dist.ReduceOp.SUM, group).unbind(1)), m=big_m)
+        return reference.finish_row_stats(merged, zy, keep, params.transform, self.shard.v_global), None
+
+    def partial_row_stats(self, logits, target, target_logit, params):
+        return self.local.partial_row_stats(logits, target, target_logit, params)
+
+    def row_grad(self, logits, target, stats, coefs, params, out):
+        """The local backend's gradient pass on the shard, with the merged statistics."""
+        return self.local.row_grad(logits, target, stats, coefs, params, out)
 
     def topk_entropy(self, logits, target, k, params):
         """EAFT's top-K entropy over the whole vocabulary: each shard's ``min(k, V)`` largest
@@ -161,24 +184,20 @@ class ShardedBackend(Backend):
     def dh_f32(self, params) -> bool:
         return params.reduce_input_grad
 
+    def row_lse_entropy(self, logits, rows):
+        raise NotImplementedError("THR's statistics pass does not run on a vocabulary shard")
 
-def merge_packet(m, big_m, u, a, r, zsum) -> torch.Tensor:
-    """One shard's ``[N, 3 or 4]`` summands ``(u, a, r[, sum z'])`` rescaled from its own max
-    ``m`` to the group's ``big_m`` (the all-reduce SUM of these is the merged row)."""
-    dt = m.dtype
-    m_ref = torch.where(big_m == float("-inf"), 0.0, big_m)
-    scale = torch.exp(m - m_ref)  # 0 for a shard of -inf logits only
-    shift = torch.where(m == float("-inf"), 0.0, m - m_ref)
-    parts = [u.to(dt) * scale, (a.to(dt) + shift * u.to(dt)) * scale, r.to(dt)]
-    if zsum is not None:
-        parts.append(zsum.to(dt))
-    return torch.stack(parts, 1)
+    def thr_pair_sums(self, *args, **kwargs):
+        raise NotImplementedError("THR's pair sums do not run on a vocabulary shard")
 
 
-def finish_merged(big_m, packet, with_mean: bool, zy, keep, transform, v_global) -> RowStats:
-    """The statistics kernel's final formulas on the summed packets (identical on every rank)."""
-    return reference.finish_row_stats(big_m, packet[:, 0], packet[:, 1], packet[:, 2],
-                                      packet[:, 3] if with_mean else None, zy, keep, transform, v_global)
+def merge_packet(acc: dict, big_m) -> tuple:
+    """``(names, [N, len(names)])``: one shard's accumulators but the max, each rescaled from the
+    shard's max ``acc["m"]`` to the group's ``big_m`` (``reference.rescale_accumulators``), as
+    the columns of one tensor (the all-reduce SUM of these is the merged row)."""
+    scaled = reference.rescale_accumulators(acc, big_m)
+    names = tuple(scaled)
+    return names, torch.stack([scaled[k] for k in names], 1)
 
 
 # -- data parallel ---------------------------------------------------------------------------

@@ -22,7 +22,9 @@ class LossParams:
     (``ctx.needs_input_grad`` ignores ``torch.no_grad()``); ``batch_gather``: the group hook
     of batch-level statistics (``weightings.Batch.gather``; set for ``dp_group=``, else None);
     ``reduce_input_grad``: a vocabulary-sharded fused path all-reduces ``dh`` over the shard's
-    group. A vocabulary-parallel call has a sharded ``backend`` (``_distributed.ShardedBackend``)."""
+    group; ``asked_stats``: the optional statistics (``reference.stats.OPTIONAL_STATS``) the
+    caller's ``return_stats`` needs. A vocabulary-parallel call has a sharded ``backend``
+    (``_distributed.ShardedBackend``)."""
 
     weighting: Weighting
     backend: Backend
@@ -38,6 +40,13 @@ class LossParams:
     grad_enabled: bool = True
     batch_gather: Optional[Callable] = None
     reduce_input_grad: bool = True
+    asked_stats: frozenset = frozenset()
+
+    @property
+    def extra_stats(self) -> frozenset:
+        """The optional statistics the statistics pass computes: those asked for, and
+        ``logit_mean`` for label smoothing."""
+        return self.asked_stats | ({"logit_mean"} if self.label_smoothing > 0 else set())
 
     def vocab(self, v_local: int) -> int:
         """The whole vocabulary's size (the shards' sum on a vocabulary-parallel call)."""

@@ -4,19 +4,19 @@ O(N) algebra both implementations and both paths share (SPEC, "One mechanism").
 Per kept token, with the weighting's ``(value_w, w, beta)`` (times the caller's weights ``c``):
 
     value = value_w + eps * w * (lse - mean z' + log p_t) + lam * lse^2
-    dz'_i = g * ((w + 2 lam lse) p_i - (1 - eps) w 1[i = y] - eps w / V + beta p_i (log p_i + H))
+    dz'_i = p p_i - onehot 1[i = y] - uniform + entropy p_i (log p_i + H)
+    p = g (w + 2 lam lse),  onehot = g (1 - eps) w,  uniform = g eps w / V,  entropy = g beta
 
-(``eps`` label smoothing, ``lam`` z-loss, ``g`` the upstream gradient over the normaliser).
+(``eps`` label smoothing, ``lam`` z-loss, ``g`` the upstream gradient over the normaliser; the
+coefficients are ``GradCoefs``' fields).
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .reference import GradCoefs, RowStats
-from .weightings import LN2, Batch, Terms
+from .weightings import Batch, Terms
 
 
 def forward_terms(params, logits, target, keep, scale):
@@ -68,15 +68,15 @@ def total_value(params, stats: RowStats, terms: Terms, z_loss):
 def grad_coefs(params, stats: RowStats, keep, terms: Terms, g, v_size: int) -> GradCoefs:
     """The per-token coefficients of the one gradient for upstream ``g`` (a scalar or ``[N]``)."""
     gw = g * terms.w
-    ga, gy, gc = gw, None, None
+    p, onehot, uniform = gw, None, None
     if params.label_smoothing > 0:
-        gy = gw * (1 - params.label_smoothing)
-        gc = gw * (params.label_smoothing / v_size)
+        onehot = gw * (1 - params.label_smoothing)
+        uniform = gw * (params.label_smoothing / v_size)
     if params.z_loss != 0:
-        ga = gw + torch.where(keep, g * (2 * params.z_loss) * stats.lse, 0)
-        gy = gw if gy is None else gy
-    gb = None if terms.beta is None else g * terms.beta
-    return GradCoefs(ga, gy, gc, gb)
+        p = gw + torch.where(keep, g * (2 * params.z_loss) * stats.lse, 0)
+        onehot = gw if onehot is None else onehot
+    entropy = None if terms.beta is None else g * terms.beta
+    return GradCoefs(p=p, onehot=onehot, uniform=uniform, entropy=entropy)
 
 
 def reduce(value, reduction, norm, shape):
@@ -93,28 +93,3 @@ def upstream(grad, reduction, norm, n, dtype):
     g = grad.to(dtype)
     g = g / norm if reduction == "mean" else g
     return g.expand(n)
-
-
-def stats_dict(shape, keep, w, z_loss, stats: RowStats):
-    """The per-token statistics returned by ``return_stats=True`` / ``token_stats``, shaped like
-    the target. Ignored positions: NaN in every float statistic, ``rank`` 0, ``accuracy``
-    False, ``weight`` and ``z_loss`` 0 (what they contributed)."""
-
-    def nan_ignored(x):
-        return torch.where(keep, x, math.nan)
-
-    out = {
-        "p_t": nan_ignored(stats.logp_t.exp()),
-        "logp_t": nan_ignored(stats.logp_t),
-        "entropy": nan_ignored(stats.entropy),
-        "entropy_bits": nan_ignored(stats.entropy / LN2),
-        "p_max": nan_ignored(stats.p_max),
-        "rank": stats.rank,
-        "lse": nan_ignored(stats.lse),
-        "accuracy": keep & (stats.target_logit >= stats.max_logit),
-    }
-    if w is not None:
-        out["weight"] = w
-    if z_loss is not None:
-        out["z_loss"] = z_loss
-    return {k: v.reshape(shape) for k, v in out.items()}

@@ -1,4 +1,9 @@
-"""Helpers for training with the losses on ``torch.distributed`` (``docs/distributed.md``).
+"""The public API for training with the losses on ``torch.distributed`` (``docs/distributed.md``).
+
+The rule between the two distributed modules: this one is the public API, a layer over the
+losses (every public name is in ``__all__`` and documented for users); ``_distributed.py`` is
+the machinery under the losses (shard layout, the sharded backend, group helpers), used by the
+call preparation, never imported by users, and never importing a loss.
 
 The losses themselves take the groups: ``rk.cross_entropy(..., process_group=tp_group)`` on a
 vocabulary shard of the logits, ``rk.linear_cross_entropy(..., process_group=tp_group)`` on a
@@ -41,7 +46,7 @@ def head_cross_entropy(head: torch.nn.Module, input: torch.Tensor, target: torch
     ``kwargs``: any keyword argument of ``rk.linear_cross_entropy`` (``weighting=``,
     ``dp_group=``, ``num_items_in_batch=``, ...).
     """
-    return head_method(head)(input, target, **kwargs)
+    return _head_method(head)(input, target, **kwargs)
 
 
 def is_fsdp_module(module) -> bool:
@@ -56,7 +61,7 @@ def is_fsdp_module(module) -> bool:
 _HEAD_METHOD = "_ranktuner_head_cross_entropy"
 
 
-def head_method(head):
+def _head_method(head):
     """``head``'s fused-loss method: a plain function of the head's parameters, registered as
     one of its FSDP2 forward methods where ``head`` is ``fully_shard``-ed (so FSDP all-gathers
     the weight before it, reshards after it and reduce-scatters the weight's gradient)."""

@@ -44,13 +44,15 @@ from __future__ import annotations
 
 import torch
 
-from . import _call, _inputs, _ops, _terms
-from ._chunks import ACC_POLICIES, CHUNK_BYTES, Grads, chunk_logits, gradient_sweep, needs_grads, one_sweep
+from . import _call, _inputs, _ops, _schema, _terms
+from ._chunks import ACC_POLICIES, CHUNK_BYTES, Grads, chunk_logits, gradient_sweep, one_sweep, wanted_grads
 from ._params import LossParams
-from .reference import RowStats, compute_dtype
+from .reference import RowStats, compute_dtype, stat_names
 from .weightings import Terms
 
 __all__ = ["linear_cross_entropy", "LinearTokenLossFunction", "CHUNK_BYTES"]
+
+SPEC = _schema.LINEAR_LOSS
 
 
 def _power_of_two(g: torch.Tensor) -> bool:
@@ -59,11 +61,11 @@ def _power_of_two(g: torch.Tensor) -> bool:
     return bool(mantissa.abs() == 0.5)
 
 
-@_ops.function("linear_loss")
+@_ops.function(SPEC)
 class LinearTokenLossFunction(torch.autograd.Function):
     """``h [N, D]``, ``weight [V, D]``, ``bias [V]`` or None, ``target [N]`` int64,
-    ``scale [N]`` or None, ``norm`` -> ``(loss, w, z_loss, *RowStats)``; ``loss`` is
-    differentiable w.r.t. ``h``, ``weight`` and ``bias``."""
+    ``scale [N]`` or None, ``norm`` -> the outputs of ``_schema.LINEAR_LOSS`` (``loss``, ``w``,
+    ``z_loss``, the statistics); ``loss`` is differentiable w.r.t. ``h``, ``weight`` and ``bias``."""
 
     @staticmethod
     def forward(ctx, h, weight, bias, target, scale, norm, params: LossParams):
@@ -71,13 +73,10 @@ class LinearTokenLossFunction(torch.autograd.Function):
         weighting = params.weighting
         keep = target != params.ignore_index
         acc = compute_dtype(h.dtype)
-        with_mean = params.label_smoothing > 0
-        stat_bufs = RowStats(*(torch.zeros(n, dtype=acc, device=h.device) for _ in range(5)),
-                             torch.zeros(n, dtype=torch.int64, device=h.device),
-                             torch.zeros(n, dtype=acc, device=h.device) if with_mean else None)
-        needs = needs_grads(ctx, bias, params.grad_enabled)
-        sweep = one_sweep(params, needs)
-        grads = Grads(h, weight, bias, needs, params.acc_policy, params.backend.dh_f32(params)) if sweep else None
+        stats = RowStats.allocate(stat_names(params.extra_stats), n, acc, h.device)
+        want = wanted_grads(ctx.needs_input_grad, bias, params.grad_enabled)
+        sweep = one_sweep(params, want)
+        grads = Grads(h, weight, bias, want, params.acc_policy, params.backend.dh_f32(params)) if sweep else None
         g1 = _terms.upstream(torch.ones((), device=h.device), params.reduction, norm, n, acc)
         parts = {"value": [], "w": [], "beta": [], "z_loss": []}
         for start in range(0, n, params.rows):
@@ -85,22 +84,19 @@ class LinearTokenLossFunction(torch.autograd.Function):
             h_c, t_c, keep_c = h[sl], target[sl], keep[sl]
             logits = chunk_logits(h_c, weight, bias)[None]
             if weighting.batch_level:  # the formula needs every row's statistics: after the sweep
-                stats, _ = params.backend.row_stats(logits, t_c, params)
+                chunk, _ = params.backend.row_stats(logits, t_c, params)
             else:
                 sc = None if scale is None else scale[sl]
-                stats, terms, z_loss, value = _terms.forward_terms(params, logits, t_c, keep_c, sc)
+                chunk, terms, z_loss, value = _terms.forward_terms(params, logits, t_c, keep_c, sc)
                 for key, part in zip(parts, (value, terms.w, terms.beta, z_loss)):
                     parts[key].append(part)
-            for buf, s in zip(stat_bufs, stats):
-                if buf is not None:
-                    buf[sl] = s
+            stats.write(sl, chunk)
             if sweep:
-                coefs = _terms.grad_coefs(params, stats, keep_c, terms, g1[sl], v_size)
-                params.backend.row_grad(logits, t_c, stats, coefs, params, out=logits)
+                coefs = _terms.grad_coefs(params, chunk, keep_c, terms, g1[sl], v_size)
+                params.backend.row_grad(logits, t_c, chunk, coefs, params, out=logits)
                 grads.add_chunk(start, logits[0], h_c, weight)
             del logits
 
-        stats = stat_bufs
         if weighting.batch_level:
             terms = _terms.weighting_terms(params, stats, keep, scale)
             z_loss = _terms.z_loss_terms(params, stats, keep)
@@ -112,37 +108,43 @@ class LinearTokenLossFunction(torch.autograd.Function):
             terms = Terms(joined["value"], joined["w"], joined["beta"])
             value, z_loss = joined["value"], joined["z_loss"]
         loss = _terms.reduce(value, params.reduction, norm, params.shape)
-        ctx.params, ctx.one_sweep = params, sweep
-        ctx.save_for_backward(h, weight, bias, target, stats.lse, stats.logp_t, stats.entropy, stats.logit_mean,
-                              terms.w, terms.beta, norm, *(grads.final(weight, bias) if sweep else ()))
-        extras = (terms.w, z_loss, *stats)
-        ctx.mark_non_differentiable(*(t for t in extras if t is not None))
-        return (loss, *extras)
+        stored = dict(zip(("stored_dh", "stored_dweight", "stored_dbias"), grads.final(weight, bias))) if sweep else {}
+        values = dict(h=h, weight=weight, bias=bias, target=target, norm=norm, loss=loss, w=terms.w, z_loss=z_loss,
+                      beta=terms.beta, **stats.present(), **stored)
+        SPEC.save(ctx, values)
+        ctx.params = params
+        return SPEC.returns(ctx, values)
 
     @staticmethod
-    def backward(ctx, grad_loss, *_):
+    def backward(ctx, *grads):
         params = ctx.params
-        h, weight, bias, target, lse, logp_t, entropy, logit_mean, w, beta, norm, *stored = ctx.saved_tensors
-        if ctx.one_sweep and _power_of_two(grad_loss):
+        saved = SPEC.saved_values(ctx)
+        h, weight, bias, target, w = (saved[k] for k in ("h", "weight", "bias", "target", "w"))
+        grad_loss = SPEC.output_grads(grads)["loss"]
+        want = wanted_grads(ctx.needs_input_grad, bias)
+        if one_sweep(params, want) and _power_of_two(grad_loss):
             # formed in forward for an upstream gradient of 1: scaling by a power of two is exact
             g = grad_loss.float()
-            scaled = [None if t is None else t if bool(g == 1) else (t * g).to(t.dtype) for t in stored]
-            scaled[0] = params.backend.reduce_input_grad(scaled[0], params, h, fresh=not bool(g == 1))
-            return (*scaled, None, None, None, None)
+            scaled = {k: None if t is None else t if bool(g == 1) else (t * g).to(t.dtype)
+                      for k, t in (("h", saved["stored_dh"]), ("weight", saved["stored_dweight"]),
+                                   ("bias", saved["stored_dbias"]))}
+            scaled["h"] = params.backend.reduce_input_grad(scaled["h"], params, h, fresh=not bool(g == 1))
+            return SPEC.input_grads(scaled)
         keep = target != params.ignore_index
-        g = _terms.upstream(grad_loss, params.reduction, norm, h.shape[0], w.dtype)
-        stats = RowStats(lse, logp_t, None, None, entropy, None, logit_mean)
-        coefs = _terms.grad_coefs(params, stats, keep, Terms(None, w, beta), g, params.vocab(weight.shape[0]))
-        grads = Grads(h, weight, bias, needs_grads(ctx, bias), params.acc_policy, params.backend.dh_f32(params))
+        g = _terms.upstream(grad_loss, params.reduction, saved["norm"], h.shape[0], w.dtype)
+        stats = _schema.stats_of(saved)
+        coefs = _terms.grad_coefs(params, stats, keep, Terms(None, w, saved["beta"]), g, params.vocab(weight.shape[0]))
+        grads = Grads(h, weight, bias, want, params.acc_policy, params.backend.dh_f32(params))
         dh, dw, db = gradient_sweep(params, h, weight, bias, target, stats, coefs, grads)
-        return (params.backend.reduce_input_grad(dh, params, h, fresh=True), dw, db, None, None, None, None)
+        return SPEC.input_grads({"h": params.backend.reduce_input_grad(dh, params, h, fresh=True), "weight": dw,
+                                 "bias": db})
 
 
-def run(call: _call.Call):
-    """The one call site of :class:`LinearTokenLossFunction`: ``(loss, w, z_loss, *RowStats)``."""
+def run(call: _call.Call) -> dict:
+    """The one call site of :class:`LinearTokenLossFunction`: its outputs by name."""
     with torch.autocast(call.input.device.type, enabled=False):
-        return _ops.linear_loss(call.input, call.linear_weight, call.linear_bias, call.target, call.scale,
-                                             call.norm, call.params)
+        return _ops.call(SPEC, call.input, call.linear_weight, call.linear_bias, call.target, call.scale, call.norm,
+                         params=call.params)
 
 
 @_inputs.compilable
@@ -164,7 +166,7 @@ def linear_cross_entropy(
     num_items_in_batch=None,
     token_weight: torch.Tensor | None = None,
     sequence_weight: torch.Tensor | None = None,
-    return_stats: bool = False,
+    return_stats=False,
     chunk_size: int | None = None,
     acc_policy: str = "auto",
     impl: str = "auto",
@@ -216,11 +218,9 @@ def linear_cross_entropy(
         label_smoothing=label_smoothing, softcap=softcap, temperature=temperature, z_loss=z_loss,
         num_items_in_batch=num_items_in_batch, token_weight=token_weight, sequence_weight=sequence_weight,
         chunk_size=chunk_size, acc_policy=acc_policy, impl=impl, process_group=process_group,
-        vocab_offset=vocab_offset, vocab_size=vocab_size, dp_group=dp_group, reduce_input_grad=reduce_input_grad)
-    loss, w, zl, *stats = run(call)
-    if return_stats:
-        return loss, _terms.stats_dict(call.shape, call.keep, w, zl, RowStats(*stats))
-    return loss
+        vocab_offset=vocab_offset, vocab_size=vocab_size, dp_group=dp_group, reduce_input_grad=reduce_input_grad,
+        return_stats=return_stats)
+    return _schema.loss_result(call, run(call))
 
 
 def _torch_options(options, chunk_size, acc_policy):

@@ -16,42 +16,43 @@ from __future__ import annotations
 
 import torch
 
-from . import _call, _inputs, _ops, _terms
+from . import _call, _inputs, _ops, _schema, _terms
 from ._params import LossParams
-from .reference import RowStats
 from .weightings import Terms
 
+SPEC = _schema.TOKEN_LOSS
 
-@_ops.function("token_loss")
+
+@_ops.function(SPEC)
 class TokenLossFunction(torch.autograd.Function):
     """``logits [B, T, V]``, ``target [B*T]`` int64, ``scale [B*T]`` or None, ``norm`` (the
-    divisor of ``"mean"``) -> ``(loss, w, z_loss, *RowStats)``; only ``loss`` is
-    differentiable (w.r.t. ``logits``)."""
+    divisor of ``"mean"``) -> the outputs of ``_schema.TOKEN_LOSS`` (``loss``, ``w``,
+    ``z_loss``, the statistics); only ``loss`` is differentiable (w.r.t. ``logits``)."""
 
     @staticmethod
     def forward(ctx, logits, target, scale, norm, params: LossParams):
         keep = target != params.ignore_index
         stats, terms, z_loss, value = _terms.forward_terms(params, logits, target, keep, scale)
         loss = _terms.reduce(value, params.reduction, norm, params.shape)
-        ctx.save_for_backward(logits, target, stats.lse, stats.logp_t, stats.entropy, stats.logit_mean,
-                              terms.w, terms.beta, norm)
+        values = dict(logits=logits, target=target, norm=norm, loss=loss, w=terms.w, z_loss=z_loss, beta=terms.beta,
+                      **stats.present())
+        SPEC.save(ctx, values)
         ctx.params, ctx.backward_ran = params, False
-        extras = (terms.w, z_loss, *stats)
-        ctx.mark_non_differentiable(*(t for t in extras if t is not None))
-        return (loss, *extras)
+        return SPEC.returns(ctx, values)
 
     @staticmethod
-    def backward(ctx, grad_loss, *_):
+    def backward(ctx, *grads):
         params = ctx.params
         if params.inplace_backward and ctx.backward_ran:
             raise RuntimeError("rk.cross_entropy(inplace_backward=True): the first backward overwrote the logits "
                                "with their gradient, so a second backward (retain_graph=True) cannot run; "
                                "use inplace_backward=False")
-        logits, target, lse, logp_t, entropy, logit_mean, w, beta, norm = ctx.saved_tensors
+        saved = SPEC.saved_values(ctx)
+        logits, target, w = saved["logits"], saved["target"], saved["w"]
         keep = target != params.ignore_index
-        stats = RowStats(lse, logp_t, None, None, entropy, None, logit_mean)
-        g = _terms.upstream(grad_loss, params.reduction, norm, target.numel(), w.dtype)
-        coefs = _terms.grad_coefs(params, stats, keep, Terms(None, w, beta), g, params.vocab(logits.shape[-1]))
+        stats = _schema.stats_of(saved)
+        g = _terms.upstream(SPEC.output_grads(grads)["loss"], params.reduction, saved["norm"], target.numel(), w.dtype)
+        coefs = _terms.grad_coefs(params, stats, keep, Terms(None, w, saved["beta"]), g, params.vocab(logits.shape[-1]))
         out = logits if params.inplace_backward else torch.empty(logits.shape, dtype=logits.dtype, device=logits.device)
         params.backend.row_grad(logits, target, stats, coefs, params, out)
         if params.inplace_backward:
@@ -59,13 +60,14 @@ class TokenLossFunction(torch.autograd.Function):
             # the kernels write through a raw pointer: tell autograd the logits changed, so that
             # an op that saved them for its own backward raises instead of reading the gradient
             torch.autograd.graph.increment_version(logits)
-        return out, None, None, None, None
+        return SPEC.input_grads({"logits": out})
 
 
-def run(call: _call.Call):
-    """The one call site of :class:`TokenLossFunction`: ``(loss, w, z_loss, *RowStats)``."""
-    return _call.checked(call, lambda: _ops.token_loss(call.input, call.target, call.scale, call.norm,
-                                                               call.params))
+def run(call: _call.Call) -> dict:
+    """The one call site of :class:`TokenLossFunction`: its outputs by name."""
+    return _call.checked(call, lambda: _ops.call(SPEC, call.input, call.target, call.scale, call.norm,
+                                                 params=call.params))
+
 
 
 def _legacy(size_average, reduce):
@@ -91,7 +93,7 @@ def cross_entropy(
     num_items_in_batch=None,
     token_weight: torch.Tensor | None = None,
     sequence_weight: torch.Tensor | None = None,
-    return_stats: bool = False,
+    return_stats=False,
     inplace_backward: bool = False,
     impl: str = "auto",
     process_group=None,
@@ -125,9 +127,14 @@ def cross_entropy(
             parallelism (a number or a one-element tensor; 0 divides by 1; NaN gives NaN).
         token_weight: per-token constants shaped like ``target`` (e.g. RL advantages).
         sequence_weight: ``[B]`` per-sequence constants (needs ``[B, T]`` targets).
-        return_stats: also return a dict of per-token ``p_t``, ``logp_t``, ``entropy`` (nats),
-            ``entropy_bits``, ``p_max``, ``rank``, ``lse``, ``accuracy`` (the target attains the
-            max logit), the ``weight`` used, and ``z_loss`` with z-loss; NaN where ignored.
+        return_stats: also return a dict of per-token statistics shaped like ``target`` (NaN
+            where ignored in the float ones): ``True`` for all of them, or a tuple/list of
+            names for those only (the optional ones cost an extra accumulator each): ``p_t``,
+            ``logp_t``, ``entropy`` (nats), ``entropy_bits``, ``p_max``, ``rank``, ``lse``,
+            ``accuracy`` (the target attains the max logit: ties count as correct),
+            ``logit_mean``, ``log_sum_p2`` (``log sum_i p_i^2``), ``is_top1`` (the target is
+            ``argmax`` with torch's tie rule: the first maximal index wins), the ``weight``
+            used, and ``z_loss`` with z-loss (``docs/SPEC.md``, "Returned statistics").
         inplace_backward: write the gradient over ``input``'s memory (saves N x V; the
             logits are destroyed by the backward pass, which can run once).
         impl: ``"auto"`` (Triton on CUDA, reference otherwise), ``"triton"`` or ``"reference"``.
@@ -153,11 +160,8 @@ def cross_entropy(
         reduction=reduction, label_smoothing=label_smoothing, softcap=softcap, temperature=temperature, z_loss=z_loss,
         num_items_in_batch=num_items_in_batch, token_weight=token_weight, sequence_weight=sequence_weight,
         inplace_backward=inplace_backward, impl=impl, process_group=process_group, vocab_offset=vocab_offset,
-        vocab_size=vocab_size, dp_group=dp_group)
-    loss, w, zl, *stats = run(call)
-    if return_stats:
-        return loss, _terms.stats_dict(call.shape, call.keep, w, zl, RowStats(*stats))
-    return loss
+        vocab_size=vocab_size, dp_group=dp_group, return_stats=return_stats)
+    return _schema.loss_result(call, run(call))
 
 
 @_inputs.eager
@@ -165,12 +169,14 @@ def token_stats(input: torch.Tensor, target: torch.Tensor, *, ignore_index: int 
                 temperature: float = 1.0, impl: str = "auto", process_group=None, vocab_offset=None,
                 vocab_size=None) -> dict:
     """Per-token ``p_t``, ``logp_t``, ``entropy`` (nats), ``entropy_bits``, ``p_max``, ``rank``,
-    ``lse`` and ``accuracy`` shaped like ``target``, without a loss (no gradient; O(N) memory).
-    Ignored positions hold NaN (``rank`` 0, ``accuracy`` False). ``process_group``,
-    ``vocab_offset``, ``vocab_size``: a vocabulary shard, as in :func:`cross_entropy`."""
+    ``lse``, ``accuracy``, ``logit_mean``, ``log_sum_p2`` and ``is_top1`` (as
+    :func:`cross_entropy`'s ``return_stats`` defines them) shaped like ``target``, without a loss
+    (no gradient; O(N) memory), from one statistics pass. Ignored positions hold NaN (``rank``
+    0, ``accuracy`` and ``is_top1`` False). ``process_group``, ``vocab_offset``,
+    ``vocab_size``: a vocabulary shard, as in :func:`cross_entropy`."""
     call = _call.prepare("token_stats", input, target, ignore_index=ignore_index, reduction="none", softcap=softcap,
                          temperature=temperature, impl=impl, process_group=process_group, vocab_offset=vocab_offset,
-                         vocab_size=vocab_size)
+                         vocab_size=vocab_size, return_stats=True)
     with torch.no_grad():
         stats, _ = _call.checked(call, lambda: call.params.backend.row_stats(call.input, call.target, call.params))
-    return _terms.stats_dict(call.shape, call.keep, None, None, stats)
+    return _schema.public_stats(call.stat_names, call.shape, call.keep, stats)

@@ -1,5 +1,6 @@
-"""Reference gradient (SPEC, "One mechanism"):
-``dz_i = J_i (ga p_i - gy 1[i=y] - gc + gb p_i (log p_i + H))`` with ``J = dz'/dz``."""
+"""Reference gradient (SPEC, "One mechanism"): ``dz_i = J_i (p p_i - onehot 1[i=y] - uniform
++ entropy p_i (log p_i + H))`` with the coefficients of :class:`~.stats.GradCoefs` and
+``J = dz'/dz``."""
 
 import torch
 
@@ -30,18 +31,18 @@ def row_grad(logits, target, lse, logp_t, entropy, coefs: GradCoefs, ignore_inde
         raw = rows.to(dt)
         logp = transform.apply(raw, tr) - lse[sl, None]
         p = logp.exp()
-        ga = coefs.ga[sl, None]
-        gy = ga if coefs.gy is None else coefs.gy[sl, None]
-        d = ga * p
+        c_p = coefs.p[sl, None]
+        c_onehot = c_p if coefs.onehot is None else coefs.onehot[sl, None]
+        d = c_p * p
         p_t = logp_t[sl, None].exp()
-        d_y = (ga - gy) * p_t + gy * torch.expm1(logp_t[sl, None])
-        if coefs.gb is not None:
+        d_y = (c_p - c_onehot) * p_t + c_onehot * torch.expm1(logp_t[sl, None])
+        if coefs.entropy is not None:
             h = entropy[sl, None]
-            d = d + coefs.gb[sl, None] * torch.where(p > 0, p * (logp + h), 0)
-            d_y = d_y + coefs.gb[sl, None] * torch.where(p_t > 0, p_t * (logp_t[sl, None] + h), 0)
+            d = d + coefs.entropy[sl, None] * torch.where(p > 0, p * (logp + h), 0)
+            d_y = d_y + coefs.entropy[sl, None] * torch.where(p_t > 0, p_t * (logp_t[sl, None] + h), 0)
         d = d.scatter(1, y_col, torch.where(owned, d_y, d.gather(1, y_col)))
-        if coefs.gc is not None:
-            d = d - coefs.gc[sl, None]
+        if coefs.uniform is not None:
+            d = d - coefs.uniform[sl, None]
         jac = transform.derivative(raw, tr)
         if jac is not None:
             d = d * jac

@@ -1,10 +1,12 @@
-"""Reference row statistics: ``lse``, ``log p_t``, ``z'_y``, ``max z'``, entropy and rank."""
+"""Reference statistics pass: the accumulators of :data:`~.stats.ACCUMULATORS` over a row
+(:func:`partial_row_stats`, one vocabulary shard's) and the final formulas that turn them into
+:class:`~.stats.RowStats` (:func:`finish_row_stats`), as the kernel does (SPEC)."""
 
 import torch
 
 from . import transform
 from .rows import row_chunks
-from .stats import RowStats, Transform
+from .stats import ACCUMULATORS, RowStats, Transform, accumulators_for, check_stat_names
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -14,6 +16,8 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 #: Where ``m - z'_y`` is at least this, ``log p_t`` is formed directly (no cancellation there).
 FAR = 30.0
+#: Where ``m - z'_y`` is below this, ``log sum p^2`` is formed relative to the target (SPEC).
+NEAR = 1.0
 
 
 def target_logit(logits: torch.Tensor, target: torch.Tensor, ignore_index: int) -> torch.Tensor:
@@ -28,65 +32,85 @@ def target_logit(logits: torch.Tensor, target: torch.Tensor, ignore_index: int) 
 
 
 def row_stats(logits: torch.Tensor, target: torch.Tensor, ignore_index: int, tr: Transform = Transform(),
-              with_mean: bool = False, chunk_elements=None) -> RowStats:
+              extra=frozenset(), chunk_elements=None) -> RowStats:
     """Row statistics of ``[B, T, V]`` logits for ``[B*T]`` int64 targets (SPEC): the
     accumulators of :func:`partial_row_stats` over the whole row, turned into statistics by
-    :func:`finish_row_stats` (``H = log s - sum_i e_i (z'_i - m) / s``, ``-log p_t`` from the
-    non-target mass). ``rank`` compares the untransformed logits in their own precision (the
-    transform is increasing). NaN or ``+inf`` in a row makes every statistic NaN. Ignored rows:
-    zeros. ``with_mean``: also ``logit_mean`` (label smoothing).
+    :func:`finish_row_stats`. ``extra``: the optional statistics to compute too (names of
+    ``stats.OPTIONAL_STATS``). ``rank`` compares the untransformed logits in their own
+    precision (the transform is increasing). NaN or ``+inf`` in a row makes every float
+    statistic NaN (``is_top1`` False). Ignored rows: zeros (False).
     """
     z_y = target_logit(logits, target, ignore_index)
-    acc = partial_row_stats(logits, target, z_y, ignore_index, tr, with_mean, chunk_elements)
-    return finish_row_stats(*acc, z_y, target != ignore_index, tr, logits.shape[-1])
+    acc = partial_row_stats(logits, target, z_y, ignore_index, tr, extra, chunk_elements)
+    return finish_row_stats(acc, z_y, target != ignore_index, tr, logits.shape[-1])
 
 
 def partial_row_stats(logits: torch.Tensor, target: torch.Tensor, target_logit: torch.Tensor, ignore_index: int,
-                      tr: Transform = Transform(), with_mean: bool = False, chunk_elements=None):
-    """The raw accumulators of one vocabulary shard (SPEC: the statistics merge across shards).
+                      tr: Transform = Transform(), extra=frozenset(), chunk_elements=None) -> dict:
+    """The accumulators of one vocabulary shard, ``{name: [B*T]}`` in the compute dtype, for
+    the names ``stats.accumulators_for(extra)`` (SPEC: the statistics merge across shards).
 
-    ``target``: ``[B*T]`` shard-local indices: in ``[0, V_shard)`` where this shard owns the
-    target, any other value but ``ignore_index`` where it does not; ``target_logit``: ``[B*T]``
-    the global *untransformed* target logit (all-reduced beforehand), which the rank compares
-    against. Returns ``(m, u, a, r, zsum)`` per row, in the compute dtype: the shard's max
-    ``m`` of ``z'`` (``-inf`` if every logit is ``-inf``; NaN for a NaN or ``+inf`` row), the
-    non-target mass ``u = sum_{i != y} exp(z'_i - m)`` and ``a = sum_{i != y} exp(z'_i - m)
-    (z'_i - m)`` (over this shard's columns, the target's own term left out), the count
-    ``r = #{i : z_i >= z_y}`` and ``zsum = sum_i z'_i`` (``None`` unless ``with_mean``).
-    Ignored rows: zeros. :func:`finish_row_stats` turns merged accumulators into ``RowStats``.
+    ``target``: ``[B*T]`` shard-local column indices: in ``[0, V_shard)`` where this shard owns
+    the target; negative where the target precedes the shard's columns, ``>= V_shard`` where it
+    follows them (never ``ignore_index``); ``target_logit``: ``[B*T]`` the global
+    *untransformed* target logit (all-reduced beforehand), which the counts compare against.
+    ``m``: the shard's max of ``z'`` (``-inf`` if every logit is ``-inf``; NaN for a NaN or
+    ``+inf`` row); ``u``, ``a``, ``sum_e2``: the non-target sums ``e_i = exp(z'_i - m)``,
+    ``e_i (z'_i - m)``, ``e_i^2``; ``r = #{i : z_i >= z_y}``; ``zsum = sum_i z'_i``;
+    ``ties = #{i > y : z_i = z_y}``. Ignored rows: zeros.
     """
+    names = accumulators_for(check_stat_names(extra))
     n = target.numel()
     dt = compute_dtype(logits.dtype)
-    m_out, u_out, a_out, r_out = (torch.zeros(n, dtype=dt, device=logits.device) for _ in range(4))
-    z_out = torch.zeros(n, dtype=dt, device=logits.device) if with_mean else None
+    out = {k: torch.zeros(n, dtype=dt, device=logits.device) for k in names}
     v_size = logits.shape[-1]
+    cols = torch.arange(v_size, device=logits.device)
     for start, stop, rows in row_chunks(logits, chunk_elements):
         y = target[start:stop]
         keep = y != ignore_index
         owned = keep & (y >= 0) & (y < v_size)
         y_col = torch.where(owned, y, 0).unsqueeze(1)
-        zy_raw = target_logit[start:stop].to(dt)
-        r = (rows.to(dt) >= zy_raw[:, None]).sum(1)  # exact: the logits' dtype embeds in dt
-        z = transform.apply(rows.to(dt), tr)
+        raw = rows.to(dt)  # exact: the logits' dtype embeds in dt
+        zy_raw = target_logit[start:stop].to(dt)[:, None]
+        z = transform.apply(raw, tr)
         bad = (z.isnan() | z.isposinf()).any(1)
         m = torch.where(bad, float("nan"), z.amax(1))
-        m_ref = torch.where(m == float("-inf"), 0.0, m)  # a row of -inf only: u = a = 0
+        m_ref = torch.where(m == float("-inf"), 0.0, m)  # a row of -inf only: the sums are 0
         e = torch.exp(z - m_ref[:, None])
-        e = torch.where(owned[:, None], e.scatter(1, y_col, 0.0), e)  # the target's term is not in u, a
-        u = e.sum(1)
-        a = torch.where(e > 0, e * (z - m_ref[:, None]), 0).sum(1)
-        for o, x in ((m_out, m), (u_out, u), (a_out, a), (r_out, r.to(dt))):
-            o[start:stop] = torch.where(keep, x, 0)
-        if with_mean:
-            z_out[start:stop] = torch.where(keep, z.sum(1), 0)
-    return m_out, u_out, a_out, r_out, z_out
+        e = torch.where(owned[:, None], e.scatter(1, y_col, 0.0), e)  # the target's term is not in the sums
+        part = {"m": m, "u": e.sum(1), "a": torch.where(e > 0, e * (z - m_ref[:, None]), 0).sum(1),
+                "r": (raw >= zy_raw).sum(1).to(dt)}
+        if "zsum" in out:
+            part["zsum"] = z.sum(1)
+        if "sum_e2" in out:
+            part["sum_e2"] = (e * e).sum(1)
+        if "ties" in out:
+            part["ties"] = ((raw == zy_raw) & (cols > y[:, None])).sum(1).to(dt)
+        for k, buf in out.items():
+            buf[start:stop] = torch.where(keep, part[k], 0)
+    return out
 
 
-def finish_row_stats(m, u, a, r, zsum, target_logit, keep, tr: Transform = Transform(), v_size: int = 1) -> RowStats:
-    """``RowStats`` from the accumulators of a whole row (e.g. merged over vocabulary shards):
-    the row max ``m`` of ``z'``, ``u`` and ``a`` rescaled to ``m`` (the target's term left out),
-    the count ``r``, ``zsum`` (or None) over ``v_size`` columns, the untransformed target
-    logit; the final formulas of the statistics kernel (SPEC, "Confident tokens")."""
+def rescale_accumulators(acc: dict, big_m) -> dict:
+    """A shard's accumulators ``acc`` but the max, rescaled from its max ``acc["m"]`` to
+    ``big_m`` (the group's, at least as large), each by its rule in ``ACCUMULATORS``: summed
+    over the shards, they are the whole row's accumulators (SPEC, "Vocabulary shards")."""
+    dt = big_m.dtype
+    m = acc["m"].to(dt)
+    m_ref = torch.where(big_m == float("-inf"), 0.0, big_m)
+    scale = torch.exp(m - m_ref)  # 0 for a shard of -inf logits only
+    shift = torch.where(m == float("-inf"), 0.0, m - m_ref)
+    rescaled = {"sum": lambda x: x, "scaled": lambda x: x * scale, "scaled2": lambda x: x * (scale * scale),
+                "entropy": lambda x: (x + shift * acc["u"].to(dt)) * scale}
+    return {a.name: rescaled[a.merge](acc[a.name].to(dt)) for a in ACCUMULATORS if a.merge != "max" and a.name in acc}
+
+
+def finish_row_stats(acc: dict, target_logit, keep, tr: Transform = Transform(), v_size: int = 1) -> RowStats:
+    """``RowStats`` from the accumulators ``acc`` of whole rows (:func:`partial_row_stats`'s
+    names, e.g. merged over vocabulary shards; each optional statistic whose accumulator is
+    present is computed), the untransformed target logit and ``v_size`` columns: the final
+    formulas of the statistics kernel (SPEC, "Confident tokens" and "Returned statistics")."""
+    m, u, r = acc["m"], acc["u"], acc["r"]
     zy = transform.apply(target_logit.to(m.dtype), tr)
     d = m - zy
     far = ~(d < FAR)
@@ -94,12 +118,15 @@ def finish_row_stats(m, u, a, r, zsum, target_logit, keep, tr: Transform = Trans
     s = u + e_y
     nll = torch.where(far, d + torch.log(s), torch.log1p(u * torch.exp(torch.where(far, 0.0, d))))
     log_s = torch.where(far, torch.log(s), nll - d)
-    a = a + torch.where(e_y > 0, -d * e_y, 0)
-    entropy = log_s - a / s
-
-    def masked(x):
-        return torch.where(keep, x, 0)
-
-    mean = None if zsum is None else masked(zsum / v_size)
-    return RowStats(masked(m + log_s), masked(-nll), masked(zy), masked(m), masked(entropy),
-                    torch.where(keep, r.round().long(), 0), mean)
+    a = acc["a"] + torch.where(e_y > 0, -d * e_y, 0)
+    out = {"lse": m + log_s, "logp_t": -nll, "target_logit": zy, "max_logit": m, "entropy": log_s - a / s,
+           "rank": r.round().long()}
+    if "zsum" in acc:
+        out["logit_mean"] = acc["zsum"] / v_size
+    if "sum_e2" in acc:
+        w, near = acc["sum_e2"], d < NEAR
+        out["log_sum_p2"] = torch.where(near, torch.log1p(w * torch.exp(2 * torch.where(near, d, 0.0))) - 2 * nll,
+                                        torch.log(w + e_y * e_y) - 2 * log_s)
+    if "ties" in acc:
+        out["is_top1"] = ((r - acc["ties"]).round() == 1) & ~out["lse"].isnan()
+    return RowStats(**{k: torch.where(keep, v, False if v.dtype == torch.bool else 0) for k, v in out.items()})

@@ -18,6 +18,9 @@ grouped, weighted sums
 * :func:`thr_pair_sums` streams over vocabulary chunks and accumulates the probability Gram
   matrix per group, never holding more than ``(|O_g| + |U_g|) × chunk`` probabilities: the CPU
   fallback, same math as the Triton kernel.
+* :func:`linear_thr_sums` (with :func:`linear_lse_entropy`): THR's sums from hidden states and
+  the read-out head (``z' = c·tanh((h Wᵀ + b)/c)/T``), never forming the ``N × V`` logits nor
+  an ``|O| × |U|`` matrix (the sum factorises through the head's gradient; its docstring).
 
 Plain torch; this module imports nothing from the public package.
 """
@@ -26,7 +29,11 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["thr_pair_sums", "thr_pair_sums_naive", "thr_compute_dtype", "row_lse_entropy", "DEFAULT_CHUNK"]
+from .stats import Transform
+from .transform import apply as apply_transform
+
+__all__ = ["thr_pair_sums", "thr_pair_sums_naive", "thr_compute_dtype", "row_lse_entropy", "DEFAULT_CHUNK",
+           "linear_lse_entropy", "linear_thr_sums", "linear_chunk"]
 
 #: Vocabulary columns per chunk in :func:`thr_pair_sums` (and rows per chunk for lse).
 DEFAULT_CHUNK = 8192
@@ -127,4 +134,126 @@ def thr_pair_sums(logits, tokens, u_rows, u_group, o_rows, o_group, o_weight, hi
         if hidden is not None:
             s = s * (hidden[orow].to(dt) @ hidden[ur].to(dt).T)
         out[uj] = (w[:, None] * s).sum(0)
+    return out
+
+
+# ----------------------------------------------------------------------------- fused-linear form
+
+#: The default vocabulary chunk of the fused-linear form holds at most this many logits.
+LINEAR_CHUNK_ELEMENTS = 1 << 25
+
+
+def linear_chunk(n_rows: int, v: int, chunk: int | None = None) -> int:
+    """Vocabulary columns per chunk: ``chunk`` if given, else ``2^25 / n_rows`` (128 MiB of
+    float32 logits) clamped to ``[128, 8192]`` and to ``V``."""
+    if chunk is None:
+        chunk = min(DEFAULT_CHUNK, max(128, LINEAR_CHUNK_ELEMENTS // max(n_rows, 1)))
+    return max(1, min(int(chunk), v))
+
+
+def _head_logits(h, weight, bias, c0, c1, transform: Transform):
+    """``z' = transform(h Wᵀ + b)`` on vocabulary columns ``[c0, c1)``: ``[rows, c1 - c0]`` in
+    ``h``'s dtype (the compute dtype)."""
+    w = weight[c0:c1].to(h.dtype)
+    z = torch.mm(h, w.t()) if bias is None else torch.addmm(bias[c0:c1].to(h.dtype), h, w.t())
+    return apply_transform(z, transform)
+
+
+def linear_lse_entropy(hidden, weight, bias=None, *, transform: Transform = Transform(), chunk: int | None = None):
+    """``(lse, entropy)`` of every row of ``hidden [N, D]`` through the head ``weight [V, D]``
+    (``bias [V]``), the logits streamed in vocabulary chunks: per row a running max ``m``,
+    ``s = Σ exp(z - m)`` and ``t = Σ exp(z - m)(z - m)``, rescaled when ``m`` grows; then
+    ``lse = m + log s`` and ``entropy = log s - t/s`` (no cancellation of two large numbers for
+    near-certain rows). In the compute dtype (float64 for float64 hidden, float32 otherwise)."""
+    dt = thr_compute_dtype(hidden.dtype)
+    h = hidden.to(dt)
+    v = weight.shape[0]
+    c = linear_chunk(h.shape[0], v, chunk)
+    m = s = t = None
+    for c0 in range(0, v, c):
+        z = _head_logits(h, weight, bias, c0, min(v, c0 + c), transform)
+        z_max = z.max(-1).values
+        if m is None:
+            m_new, s, t = z_max, torch.zeros_like(z_max), torch.zeros_like(z_max)
+        else:
+            m_new = torch.maximum(m, z_max)
+            alpha = torch.exp(m - m_new)
+            t = alpha * (t + (m - m_new) * s)
+            s = alpha * s
+        zc = z.sub_(m_new[:, None])  # in place: two [rows, chunk] buffers in all
+        e = torch.exp(zc)
+        s = s + e.sum(-1)
+        t = t + zc.mul_(e).sum(-1)
+        m = m_new
+    log_s = torch.log(s)
+    return m + log_s, log_s - t / s
+
+
+def linear_thr_sums(hidden, weight, bias, tokens, group, o_weight, *, lse=None, transform: Transform = Transform(),
+                    hidden_factor: bool = True, chunk: int | None = None):
+    """THR's grouped sums for the logits ``z' = transform(h Wᵀ + b)`` of ``hidden [N, D]``
+    through the head ``weight [V, D]`` (``bias [V]`` or None), without forming them: every row
+    is an updating row, the observed rows are those with ``o_weight != 0``, and
+
+        out[j] = Σ_{i : group[i] = group[j]} o_weight[i] · <q_i, q_j> · (h_i · h_j)
+
+    (the hidden factor only with ``hidden_factor``), ``q_r = e_{y_r} - π_r``, ``π_r =
+    softmax(z'_r)``: :func:`thr_pair_sums` with ``u_rows`` all rows and ``o_rows`` the observed.
+
+    The sum factorises through the head's gradient, so no ``|O| × |U|`` matrix is formed:
+
+        Σ_o w_o <q_o, q_u> (h_o · h_u) = Σ_v q_u,v (h_u · M_v),   M = Σ_o w_o q_o h_oᵀ  ([V, D])
+
+    (``M`` is, up to sign, the gradient of ``Σ_o w_o log π(y_o)`` w.r.t. ``W``); without the
+    hidden factor ``Σ_o w_o <q_o, q_u> = <q_u, Σ_o w_o q_o>``. Rows are sorted by group, the
+    observed first, and the vocabulary is streamed in chunks of ``chunk`` columns
+    (:func:`linear_chunk`): per chunk the logits of all rows (``[N, chunk]``, turned into ``q``
+    in place) and per group ``M`` on the chunk (``[chunk, D]``) and ``h_u·M`` (``[|U_g|,
+    chunk]``). Memory ``O(N·chunk + chunk·D + N·D)``; time the logits
+    (``2·N·D·V``) plus ``2·(|O| + N)·D·V`` in matmuls. ``q`` at a row's own token is
+    ``-expm1(z'_y - lse)`` (exact for near-certain tokens). ``lse``: ``[N]`` (computed by
+    :func:`linear_lse_entropy` if None). Returns ``[N]`` in the compute dtype.
+    """
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(f"hidden [N, D] and weight [V, D]: got {tuple(hidden.shape)} and {tuple(weight.shape)}")
+    n, v = hidden.shape[0], weight.shape[0]
+    for name, x in (("tokens", tokens), ("group", group), ("o_weight", o_weight)):
+        if x.shape != (n,):
+            raise ValueError(f"{name}: expected shape ({n},), got {tuple(x.shape)}")
+    dt = thr_compute_dtype(hidden.dtype)
+    out = torch.zeros(n, dtype=dt, device=hidden.device)
+    if n == 0 or not bool((o_weight != 0).any()):
+        return out
+    # sort by (group, unobserved): each group a slice [start, end) whose first n_obs rows are observed
+    key = group.long() * 2 + (o_weight == 0).long()
+    order = torch.sort(key, stable=True).indices
+    h = hidden[order].to(dt)
+    y = tokens[order].long()
+    w = o_weight[order].to(dt)
+    wh = w[:, None] * h if hidden_factor else None  # w_o h_o
+    lse_s = linear_lse_entropy(h, weight, bias, transform=transform, chunk=chunk)[0] if lse is None \
+        else lse[order].to(dt)
+    _, counts = torch.unique_consecutive(group[order], return_counts=True)
+    gid = torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts)
+    n_obs = torch.zeros_like(counts).scatter_add_(0, gid, (w != 0).long())
+    starts = (torch.cumsum(counts, 0) - counts).tolist()
+    slices = [(a, a + no, a + k) for a, no, k in zip(starts, n_obs.tolist(), counts.tolist()) if no > 0]
+    c = linear_chunk(n, v, chunk)
+    rows = torch.arange(n, device=hidden.device)
+    acc = torch.zeros_like(out)
+    for c0 in range(0, v, c):
+        c1 = min(v, c0 + c)
+        q = _head_logits(h, weight, bias, c0, c1, transform)  # z', then q in place
+        here = (y >= c0) & (y < c1)
+        r, col = rows[here], y[here] - c0
+        q_y = -torch.expm1(q[r, col] - lse_s[r])  # 1 - π(y), to full precision
+        q.sub_(lse_s[:, None]).exp_().neg_()  # -π on the chunk
+        q[r, col] = q_y
+        for a, b_obs, b in slices:
+            if hidden_factor:
+                m = q[a:b_obs].t() @ wh[a:b_obs]  # M on the chunk: [chunk, D]
+                acc[a:b] += (h[a:b] @ m.t()).mul_(q[a:b]).sum(-1)
+            else:
+                acc[a:b] += q[a:b] @ (w[a:b_obs] @ q[a:b_obs])
+    out[order] = acc
     return out

@@ -110,7 +110,8 @@ def compare_stats(got, single, exact):
     rounded to the input dtype by the GEMM, the single-process call's stats)."""
     assert torch.equal(got["rank"], single["rank"]), f"rank {got['rank'].tolist()} vs {single['rank'].tolist()}"
     assert torch.equal(got["accuracy"], single["accuracy"])
-    for key in ("lse", "logp_t", "entropy", "p_max"):
+    assert torch.equal(got["is_top1"], single["is_top1"])  # the ties after the target, counted across shards
+    for key in ("lse", "logp_t", "entropy", "p_max", "logit_mean", "log_sum_p2"):
         torch.testing.assert_close(got[key].double(), exact[key].double(), rtol=2e-5, atol=2e-5, equal_nan=True,
                                    msg=lambda m: f"{key}: {m}")
     torch.testing.assert_close(got["weight"].double(), exact["weight"].double(), rtol=1e-4, atol=1e-6,
@@ -618,4 +619,90 @@ def zero3_suite(world):
     yield ("patched-zero3-trainer", lambda: check_trainer_zero3(world))
 
 
-SUITES = {"tp2": tp_suite, "tp4": tp4_suite, "hf2": hf_suite, "zero3": zero3_suite}
+# -- TRL's fused LM head (integrations.trl.add_fused_lm_head) under FSDP2 and ZeRO-3 -------------
+
+HEAD_OUTPUTS = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+
+
+def _fused_head(model):
+    from ranktuner_kernels.integrations.trl import add_fused_lm_head
+
+    add_fused_lm_head(model, temperature=0.7, outputs=HEAD_OUTPUTS)
+    return model
+
+
+def _fused_step(model, ids, labels, backward=None):
+    """The fused call's fields (and loss), after backpropagating ``loss + entropy.sum()``."""
+    out = model(input_ids=ids, labels=labels, fused_lm_head=True)
+    value = out.loss + out.entropy.sum()
+    value.backward() if backward is None else backward(value)
+    return {k: getattr(out, k).detach() for k in (*HEAD_OUTPUTS, "loss", "label_mask")}
+
+
+def _single_process_head(batches):
+    """Each batch's fields on the whole model, and every gradient averaged over the batches (as
+    data parallelism averages it over the ranks)."""
+    ref = _fused_head(_hf_model())
+    fields, grads = [], {}
+    for ids, labels in batches:
+        ref.zero_grad(set_to_none=True)
+        fields.append(_fused_step(ref, ids, labels))
+        for k, p in ref.named_parameters():
+            grads[k] = grads.get(k, 0) + p.grad / len(batches)
+    return fields, grads
+
+
+def _same_fields(got, want, where):
+    for k, v in want.items():
+        if v.dtype == torch.bool:
+            assert torch.equal(got[k], v), f"{where} {k}"
+        else:
+            torch.testing.assert_close(got[k], v, rtol=1e-5, atol=1e-6, msg=lambda m: f"{where} {k}: {m}")
+
+
+def check_fused_head_fsdp2(world):
+    """``add_fused_lm_head`` on a tiny Llama under FSDP2 with the LM head its own ``fully_shard``
+    unit (its weight a sharded DTensor outside its forward): each rank's fields equal the
+    single-process call on its batch, every gradient the single-process mean."""
+    from torch.distributed.fsdp import fully_shard
+
+    rank = dist.get_rank()
+    batches = _hf_batches(world)
+    want, grads = _single_process_head(batches)
+    model = _hf_model()
+    for layer in model.model.layers:
+        fully_shard(layer)
+    fully_shard(model.lm_head)
+    fully_shard(model)
+    _fused_head(model)
+    _same_fields(_fused_step(model, *batches[rank]), want[rank], "fsdp2")
+    assert "_ranktuner_fused_head_call" in model.lm_head.__dict__  # ran as the head's FSDP forward method
+    for k, p in model.named_parameters():
+        grad = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+        torch.testing.assert_close(grad, grads[k], rtol=1e-4, atol=1e-6, msg=lambda m: f"fsdp2 head {k}: {m}")
+
+
+def check_fused_head_zero3(world):
+    """``add_fused_lm_head`` on a tiny Llama under DeepSpeed ZeRO-3, every parameter (the head's
+    included) partitioned: fields and full gradients against the single-process call."""
+    deepspeed = _deepspeed()
+    from deepspeed.utils import safe_get_full_grad
+
+    rank = dist.get_rank()
+    batches = _hf_batches(world)
+    want, grads = _single_process_head(batches)
+    model = _fused_head(_hf_model())
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=ZERO3)
+    assert all(p.numel() == 0 for p in model.get_output_embeddings().parameters())  # partitioned outside the forward
+    _same_fields(_fused_step(engine, *batches[rank], backward=engine.backward), want[rank], "zero3")
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(safe_get_full_grad(p), grads[k], rtol=1e-4, atol=1e-6,
+                                   msg=lambda m: f"zero3 head {k}: {m}")
+
+
+def trl_head_suite(world):
+    yield ("fused-head-fsdp2-head-own-unit", lambda: check_fused_head_fsdp2(world))
+    yield ("fused-head-zero3", lambda: check_fused_head_zero3(world))
+
+
+SUITES = {"tp2": tp_suite, "tp4": tp4_suite, "hf2": hf_suite, "zero3": zero3_suite, "trl_head": trl_head_suite}

@@ -231,14 +231,21 @@ def test_vocab_parallel_merge_equals_the_whole_row(bounds, tr, impl):
     """What ``ShardedBackend.row_stats`` computes across ranks, with the collectives done by
     hand: the target logit's MAX, each shard's partial pass, the MAX of the shards' maxima,
     the SUM of their rescaled packets, the final formulas; against the unsharded float64
-    statistics. Uneven shards of 1 to 28 columns, a shard of -inf logits, an ignored row."""
+    statistics, the optional ones included (``is_top1`` counts the ties after the target in
+    the shards that follow the owner's). Uneven shards of 1 to 28 columns, a shard of -inf
+    logits, an ignored row, ties of the target's logit in shards before and after it."""
     logits, target = make_batch(2, 3, 41, torch.float32, "cpu", seed=5)
     logits[0, 2, 13:29] = float("-inf")
+    logits[1, 0] = logits[1, 0].round()  # many ties
+    top = float(logits.max()) + 1
+    target[1, 1], logits[1, 1, 25], logits[1, 1, 3] = 25, top, top  # the max, tied before: not top-1
+    target[1, 2], logits[1, 2, 5], logits[1, 2, 40] = 5, top, top  # the max, tied after: top-1 (first index)
     flat = target.reshape(-1)
     keep = flat != -100
     shards = [(lo, hi) for lo, hi in zip(bounds[:-1], bounds[1:])]
+    every = frozenset(reference.OPTIONAL_STATS)
     params = rk._params.LossParams(rk.SFT(), rk._dispatch.get_backend(impl, logits), (2, 3), -100, transform=tr,
-                                   label_smoothing=0.1)
+                                   asked_stats=every)
     locals_, parts = [], []
     for lo, hi in shards:
         shard = _distributed.VocabShard(None, lo, hi - lo, 41, len(shards))
@@ -248,12 +255,17 @@ def test_vocab_parallel_merge_equals_the_whole_row(bounds, tr, impl):
         parts.append(reference.target_logit(z, loc, -100))
     zy = torch.stack(parts).amax(0)  # all-reduce MAX
     partial = [params.backend.partial_row_stats(z, loc, zy, params) for z, loc in locals_]
-    ms = [p[0].float() for p in partial]
-    big_m = torch.stack(ms).amax(0)  # all-reduce MAX
-    packet = sum(_distributed.merge_packet(m, big_m, *p[1:]) for m, p in zip(ms, partial))  # all-reduce SUM
-    got = _distributed.finish_merged(big_m, packet, True, zy, keep, tr, 41)
-    want = reference.row_stats(logits.double(), flat, -100, tr, True)
-    for name in ("lse", "logp_t", "entropy", "logit_mean", "target_logit", "max_logit", "p_max"):
+    big_m = torch.stack([p["m"].float() for p in partial]).amax(0)  # all-reduce MAX
+    packets = [_distributed.merge_packet(p, big_m) for p in partial]
+    names = packets[0][0]
+    merged = dict(zip(names, sum(packet for _, packet in packets).unbind(1)), m=big_m)  # all-reduce SUM
+    got = reference.finish_row_stats(merged, zy, keep, tr, 41)
+    want = reference.row_stats(logits.double(), flat, -100, tr, every)
+    assert set(got.present()) == set(reference.STAT_NAMES)
+    for name in ("lse", "logp_t", "entropy", "logit_mean", "log_sum_p2", "target_logit", "max_logit", "p_max"):
         a, b = getattr(got, name), getattr(want, name)
         torch.testing.assert_close(a[keep].double(), b[keep], rtol=2e-5, atol=2e-5, msg=name)
-    assert torch.equal(got.rank[keep].long(), want.rank[keep].long())
+    for name in ("rank", "is_top1"):
+        assert torch.equal(getattr(got, name)[keep], getattr(want, name)[keep]), name
+    assert torch.equal(got.is_top1[keep], (logits.argmax(-1).reshape(-1) == flat)[keep])  # torch's tie rule
+    assert got.is_top1[5] and not got.is_top1[4] and got.rank[4] == got.rank[5] == 2

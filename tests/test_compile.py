@@ -152,20 +152,23 @@ def test_cross_entropy_none_reduction_compiled():
     check_compiled(fn, _logits_batch())
 
 
+@pytest.mark.parametrize("return_stats", [False, ("log_sum_p2", "is_top1")], ids=["plain", "stats"])
 @pytest.mark.parametrize("impl", IMPLS)
-def test_logprobs_compiled(impl):
+def test_logprobs_compiled(impl, return_stats):
     def fn(logits, target, g):
-        logp, ent = rk.logprobs(logits, target, temperature=0.7, impl=impl)
-        return logp * g, ent
+        logp, ent, *stats = rk.logprobs(logits, target, temperature=0.7, impl=impl, return_stats=return_stats)
+        return logp * g, ent, *stats
 
     check_compiled(fn, _logits_batch())
 
 
+@pytest.mark.parametrize("return_stats", [False, True], ids=["plain", "stats"])
 @pytest.mark.parametrize("impl", IMPLS)
-def test_linear_logprobs_compiled(impl):
+def test_linear_logprobs_compiled(impl, return_stats):
     def fn(h, w, target, b, g):
-        logp, ent = rk.linear_logprobs(h, w, target, linear_bias=b, impl=impl, chunk_size=4)
-        return logp * g, ent
+        logp, ent, *stats = rk.linear_logprobs(h, w, target, linear_bias=b, impl=impl, chunk_size=4,
+                                               return_stats=return_stats)
+        return logp * g, ent, *stats
 
     check_compiled(fn, _hidden_batch(bias=True))
 
@@ -265,25 +268,46 @@ def test_eager_functions_break_the_graph_once():
 
 
 def _opcheck_args(kind):
+    """The forward op of ``kind`` and its arguments: the tensors (``spec.inputs``), the shape,
+    rows, requires-grad flags and the interned settings key."""
+    from ranktuner_kernels import _dispatch, _params, _schema
+
     weighting = "talr" if kind.endswith("talr") else "dft"
-    key = _ops._intern(rk.weightings.resolve(weighting), "reference", -100, "mean", None, 1.0, 0.0, 0.0, "compact",
-                       True, True)
-    if kind == "token_loss":
+    extra = frozenset(rk.reference.OPTIONAL_STATS) if kind.endswith("stats") else frozenset()
+    params = _params.LossParams(rk.weightings.resolve(weighting), _dispatch.BACKENDS["reference"], (),
+                                acc_policy="compact", asked_stats=extra)
+    key = _ops.key_of(params)
+    if kind.startswith(("token_loss", "logprobs")):
         logits, target = _logits_batch()(0)
-        norm = torch.tensor(float((target != -100).sum()))
-        return _ops.token_loss_op, (logits, target.reshape(-1), None, norm, list(target.shape), key)
-    h, w, target, b = _hidden_batch(bias=True)(0)
-    if kind.startswith("linear_loss_bf16"):  # gradients in backward only (TALR): 16-bit placeholders
-        h, w, b = (t.detach().bfloat16().requires_grad_() for t in (h, w, b))
-    norm = torch.tensor(float((target != -100).sum()))
-    return _ops.linear_loss_op, (h.reshape(-1, h.shape[-1]), w, b, target.reshape(-1), None, norm,
-                                 list(target.shape), 4, [True, True, True], key)
+        if kind.startswith("logprobs"):
+            tensors, spec = [logits, target.reshape(-1)], _schema.LOGPROBS
+        else:
+            norm = torch.tensor(float((target != -100).sum()))
+            tensors, spec = [logits, target.reshape(-1), None, norm], _schema.TOKEN_LOSS
+        rows = 0
+    else:
+        h, w, target, b = _hidden_batch(bias=True)(0)
+        if kind.startswith("linear_loss_bf16"):  # gradients in backward only (TALR): 16-bit placeholders
+            h, w, b = (t.detach().bfloat16().requires_grad_() for t in (h, w, b))
+        h = h.reshape(-1, h.shape[-1])
+        if kind.startswith("linear_logprobs"):
+            tensors, spec = [h, w, b, target.reshape(-1)], _schema.LINEAR_LOGPROBS
+        else:
+            norm = torch.tensor(float((target != -100).sum()))
+            tensors, spec = [h, w, b, target.reshape(-1), None, norm], _schema.LINEAR_LOSS
+        rows = 4
+    needs = [t is not None and t.requires_grad for t in tensors]
+    given = [t is not None for t in tensors]
+    tensors = [torch.empty(0) if t is None else t for t in tensors]
+    return _ops.OPS[spec.name][1], (tensors, given, list(target.shape), rows, needs, key)
 
 
-@pytest.mark.parametrize("kind", ["token_loss", "linear_loss", "linear_loss_bf16_talr"])
+@pytest.mark.parametrize("kind", ["token_loss", "token_loss_stats", "linear_loss", "linear_loss_bf16_talr",
+                                  "logprobs_stats", "linear_logprobs", "linear_logprobs_stats"])
 def test_opcheck(kind):
     """torch.library.opcheck: schema, fake implementation and autograd registration agree with
-    the op's real behaviour."""
+    the op's real behaviour (every op made from a ``FunctionSpec``, with and without the
+    optional statistics)."""
     op, args = _opcheck_args(kind)
     torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 

@@ -114,7 +114,10 @@ def test_function_defaults():
         inspect.signature(torch.nn.functional.cross_entropy).parameters)
     assert _defaults(rk.token_stats) == dict(ignore_index=-100, softcap=None, temperature=1.0, impl="auto",
                                              process_group=None, vocab_offset=None, vocab_size=None)
-    assert _defaults(rk.logprobs) == dict(temperature=1.0, softcap=None, ignore_index=-100, impl="auto")
+    assert _defaults(rk.logprobs) == dict(temperature=1.0, softcap=None, ignore_index=-100, impl="auto",
+                                          return_stats=False)
+    assert _defaults(rk.linear_logprobs) == dict(linear_bias=None, temperature=1.0, softcap=None, ignore_index=-100,
+                                                 chunk_size=None, acc_policy="auto", impl="auto", return_stats=False)
     from ranktuner_kernels import linear_loss, reference
 
     assert linear_loss.CHUNK_BYTES == {"cuda": 240 << 20, "cpu": 32 << 20}

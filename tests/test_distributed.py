@@ -43,8 +43,9 @@ def test_four_ranks(tmp_path):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("tr", [Transform(), Transform(6.0, 0.7)], ids=["plain", "cap-temp"])
 def test_partial_pass_matches_reference(impl, dtype, tr):
-    """A shard's accumulators: the kernel's against the float64 reference's; a shard that owns
-    some targets and not others, an ignored row, a row of -inf logits on the shard."""
+    """A shard's accumulators, the optional ones included: the kernel's against the float64
+    reference's; a shard that owns some targets and not others (before and after it), an
+    ignored row, a row of -inf logits on the shard."""
     logits, target = make_batch(2, 3, 41, dtype, "cpu", seed=3)
     lo, hi = 10, 29
     shard = logits[..., lo:hi].clone()
@@ -52,19 +53,21 @@ def test_partial_pass_matches_reference(impl, dtype, tr):
     flat = target.reshape(-1)
     keep = flat != -100
     owned = keep & (flat >= lo) & (flat < hi)
-    local = torch.where(owned, flat - lo, torch.where(keep, -1, flat))
+    local = torch.where(owned, flat - lo, torch.where(keep, torch.where(flat < lo, -1, hi - lo), flat))
     zy = logits.reshape(-1, 41).float()[torch.arange(6), flat.clamp_min(0)]
-    want = reference.partial_row_stats(shard.double(), local, zy.double(), -100, tr, with_mean=True)
+    every = frozenset(reference.OPTIONAL_STATS)
+    want = reference.partial_row_stats(shard.double(), local, zy.double(), -100, tr, every)
     params = rk._params.LossParams(rk.SFT(), rk._dispatch.get_backend(impl, shard), (2, 3), -100, transform=tr,
-                                   label_smoothing=0.1)
+                                   asked_stats=every)
     got = params.backend.partial_row_stats(shard, local, zy, params)
     assert owned.any() and (keep & ~owned).any()
-    m, u, a, r, zsum = got
-    assert torch.equal(r.long(), want[3].long())
+    assert tuple(got) == tuple(want) == reference.accumulators_for(every)
+    for name in ("r", "ties"):
+        assert torch.equal(got[name].long(), want[name].long()), name
     if tr.softcap is None:  # under the cap, -inf is -c (SPEC)
-        assert m[3] == float("-inf") and u[3] == 0 and a[3] == 0
-    for x, y in zip((m, u, a, zsum), (want[0], want[1], want[2], want[4])):
-        torch.testing.assert_close(x.double(), y, rtol=2e-5, atol=2e-5)
+        assert got["m"][3] == float("-inf") and got["u"][3] == 0 and got["a"][3] == 0
+    for name in ("m", "u", "a", "zsum", "sum_e2"):
+        torch.testing.assert_close(got[name].double(), want[name], rtol=2e-5, atol=2e-5, msg=name)
 
 
 def test_finish_of_a_whole_row_is_the_softmax_statistics():
@@ -75,17 +78,19 @@ def test_finish_of_a_whole_row_is_the_softmax_statistics():
     keep = flat != -100
     zy = reference.target_logit(logits, flat, -100)
     tr = Transform(5.0, 1.3)
-    m, u, a, r, zsum = reference.partial_row_stats(logits, flat, zy, -100, tr, with_mean=True)
-    got = reference.finish_row_stats(m, u, a, r, zsum, zy, keep, tr, 50)
+    acc = reference.partial_row_stats(logits, flat, zy, -100, tr, frozenset(reference.OPTIONAL_STATS))
+    got = reference.finish_row_stats(acc, zy, keep, tr, 50)
     z = (5.0 * torch.tanh(logits / 5.0) / 1.3).reshape(-1, 50)[keep]
     y = flat[keep]
     logp = torch.log_softmax(z, -1)
     raw = logits.reshape(-1, 50)[keep]
     want = dict(lse=torch.logsumexp(z, -1), logp_t=logp.gather(1, y[:, None])[:, 0], max_logit=z.amax(-1),
-                entropy=-(logp.exp() * logp).sum(-1), logit_mean=z.mean(-1))
+                entropy=-(logp.exp() * logp).sum(-1), logit_mean=z.mean(-1),
+                log_sum_p2=torch.log((2 * logp).exp().sum(-1)))
     for key, value in want.items():
         torch.testing.assert_close(getattr(got, key)[keep], value, rtol=1e-12, atol=1e-12)
     assert torch.equal(got.rank[keep], (raw >= raw.gather(1, y[:, None])).sum(-1))
+    assert torch.equal(got.is_top1[keep], raw.argmax(-1) == y)
     assert torch.all(got.lse[~keep] == 0) and torch.all(got.rank[~keep] == 0)
 
 

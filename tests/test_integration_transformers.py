@@ -338,6 +338,37 @@ def test_deepcopy_of_a_patched_model_is_patched_on_its_own():
     assert all(p.grad is not None for p in clone.parameters())
 
 
+def test_pickling_a_patched_model_refuses_and_names_save_pretrained(tmp_path):
+    """Issue 24: ``torch.save(model)`` of a patched model loaded back running the class's plain
+    forward (plain cross-entropy) while still marked patched. Pickling now raises, naming the
+    way that keeps the objective: save_pretrained, load, patch_model again, which gives the
+    same loss; unpatched, the model pickles and loads as any model."""
+    import io
+    import pickle
+
+    model = rkt.patch_model(make_model(), weighting="ranktuner")
+    ids, labels = make_batch()
+    want = model(ids, labels=labels).loss.detach()
+    plain = make_model()(ids, labels=labels).loss.detach()
+    assert float(abs(want - plain)) > 1e-3  # the two objectives differ: losing the patch would show
+    for dump in (lambda: torch.save(model, io.BytesIO()), lambda: pickle.dumps(model)):
+        with pytest.raises(TypeError, match=r"patched by patch_model cannot be pickled.*save_pretrained.*"
+                                            r"patch_model again"):
+            dump()
+    assert rkt.is_patched(model)  # the failed dump left the model as it was
+    torch.testing.assert_close(model(ids, labels=labels).loss.detach(), want, rtol=0, atol=0)
+    model.save_pretrained(tmp_path)
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
+    rkt.patch_model(loaded, weighting="ranktuner")
+    torch.testing.assert_close(loaded(ids, labels=labels).loss.detach(), want, rtol=0, atol=0)
+    buf = io.BytesIO()
+    torch.save(rkt.unpatch_model(model), buf)
+    buf.seek(0)
+    restored = torch.load(buf, weights_only=False)
+    assert not rkt.is_patched(restored)
+    torch.testing.assert_close(restored(ids, labels=labels).loss.detach(), plain, rtol=0, atol=0)
+
+
 def test_nll_meter_averages_like_trainer():
     """Train: the mean over optimizer steps of each step's token mean (Trainer averages its
     logged loss over steps); eval: the token-weighted mean."""

@@ -92,20 +92,22 @@ def test_kernels_write_every_output(dtype, v):
     logits, target = make_batch(2, 3, v, dtype, DEVICE, seed=v)
     target = target.reshape(-1)
     n = target.numel()
-    stats, _ = kernels.row_stats(logits, target, -100, with_mean=True)
-    ref = reference.row_stats(logits.double(), target, -100, with_mean=True)
-    for got, want in zip(stats, ref):
-        assert not got.double().isnan().any()
+    every = frozenset(reference.OPTIONAL_STATS)
+    stats, _ = kernels.row_stats(logits, target, -100, extra=every)
+    ref = reference.row_stats(logits.double(), target, -100, extra=every)
+    assert tuple(stats) == reference.STAT_NAMES  # the launcher names its outputs as the schema does
+    for name, got in stats.items():
+        want = getattr(ref, name)
+        assert got.dtype == reference.stat_dtype(name, torch.float32) and not got.double().isnan().any()
         torch.testing.assert_close(got.double(), want.double(), rtol=2e-5, atol=2e-5)
     g = torch.Generator().manual_seed(v)
-    ga, gy, gc, gb = (torch.rand(n, generator=g).to(DEVICE) for _ in range(4))
-    lse, logp, ent = stats[0], stats[1], stats[4]
-    for coefs in (GradCoefs(ga), GradCoefs(ga, gy, gc, gb)):
+    c_p, c_onehot, c_uniform, c_entropy = (torch.rand(n, generator=g).to(DEVICE) for _ in range(4))
+    lse, logp, ent = stats["lse"], stats["logp_t"], stats["entropy"]
+    for coefs in (GradCoefs(c_p), GradCoefs(c_p, c_onehot, c_uniform, c_entropy)):
         out = torch.full_like(logits, float("nan"))
         kernels.row_grad(logits, target, lse, logp, ent, coefs, -100, out)
         want = reference.row_grad(logits.double(), target, ref.lse, ref.logp_t, ref.entropy,
-                                  GradCoefs(*(None if c is None else c.double() for c in coefs)), -100,
-                                  torch.empty_like(logits, dtype=torch.float64))
+                                  coefs.map(torch.Tensor.double), -100, torch.empty_like(logits, dtype=torch.float64))
         assert not out.isnan().any()
         assert torch.all(out.reshape(n, v)[target == -100] == 0)
         assert rel_err(out, want) <= 2 * rel_err(want.to(dtype), want) + 1e-6

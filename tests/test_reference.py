@@ -58,7 +58,8 @@ def test_paper_k_values():
     for xi, expected in ((1, 0.5), (2, 0.265), (5, 0.125), (10, 0.076)):
         # a stats row with rank xi and s(H) < xi, so xi = max(R, s) = R
         zero = torch.zeros(1, dtype=torch.float64)  # lse = max = 0: p_max = 1 -> s = 1
-        stats = RowStats(zero, zero, zero, zero, zero, torch.tensor([xi]))
+        stats = RowStats(lse=zero, logp_t=zero, target_logit=zero, max_logit=zero, entropy=zero,
+                         rank=torch.tensor([xi]))
         _, xi_t, k = rt.relative_scale_terms(stats)
         assert float(xi_t) == xi
         assert abs(float(k) - expected) < 5e-4, (xi, float(k))

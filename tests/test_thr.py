@@ -10,28 +10,10 @@ import torch
 
 from ranktuner_kernels.reference import thr as ref
 from ranktuner_kernels.rl import thr_advantages, thr_guided_advantages, thr_pair_sums, token_hidden_reward
+from thr_cases import DEVICE, batch_case, on_dev, rel, rows_case
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 triton = pytest.importorskip("triton")
 from ranktuner_kernels.kernels import thr as ker  # noqa: E402
-
-
-def rows_case(n=40, v=300, d=24, groups=2, seed=0, dtype=torch.float32, peaked=True):
-    """Logits with a spread of confidences (some rows peaked on their sampled token), groups of
-    rows, an observed subset with random weights."""
-    g = torch.Generator().manual_seed(seed)
-    logits = torch.randn(n, v, generator=g, dtype=torch.float64) * 2
-    tokens = torch.randint(0, v, (n,), generator=g)
-    if peaked:
-        boost = torch.rand(n, generator=g, dtype=torch.float64) * 10 - 2
-        logits[torch.arange(n), tokens] += boost
-        tokens[1::7] = tokens[0]  # repeated tokens: the 1[y_o = y_u] term
-    hidden = torch.randn(n, d, generator=g, dtype=torch.float64)
-    group = torch.arange(n) * groups // n
-    u_rows = torch.randperm(n, generator=g)[: n - 3]
-    o_rows = torch.randperm(n, generator=g)[: n // 2]
-    o_w = torch.rand(o_rows.numel(), generator=g, dtype=torch.float64) + 0.5
-    return (logits.to(dtype), tokens, u_rows, group[u_rows], o_rows, group[o_rows], o_w, hidden.to(dtype))
 
 
 def pairwise_definition(logits, tokens, u_rows, u_group, o_rows, o_group, o_w, hidden):
@@ -52,14 +34,6 @@ def pairwise_definition(logits, tokens, u_rows, u_group, o_rows, o_group, o_w, h
             total += float(o_w[i]) * s
         out.append(total)
     return torch.tensor(out, dtype=torch.float64)
-
-
-def on_dev(*xs):
-    return [x.to(DEVICE) if isinstance(x, torch.Tensor) else x for x in xs]
-
-
-def rel(a, b):
-    return float((a.double() - b.double()).abs().max() / b.double().abs().max().clamp_min(1e-12))
 
 
 @pytest.mark.parametrize("with_hidden", [False, True], ids=["no_hidden", "hidden"])
@@ -114,7 +88,10 @@ def test_kernel_matches_oracle(n, v, d, groups, with_hidden):
     assert rel(got.cpu(), want) < 2e-5, rel(got.cpu(), want)
 
 
-@pytest.mark.parametrize("blocks", [(64, 64, 64, 64), (16, 32, 16, 16)], ids=["gpu_default", "small"])
+GPU_BLOCKS = tuple(ker.GPU_LAUNCH[k] for k in ("block_u", "block_o", "block_v", "block_d"))
+
+
+@pytest.mark.parametrize("blocks", [GPU_BLOCKS, (16, 32, 16, 16)], ids=["gpu_default", "small"])
 def test_kernel_block_shapes(blocks):
     """The GPU's default tiles (the interpreter uses others) and small, unequal ones."""
     case = rows_case(n=48, v=257, d=40, groups=3, seed=12)
@@ -164,18 +141,6 @@ def test_kernel_masked_vocabulary_and_tf32_option():
         assert rel(got.cpu(), want) < (2e-5 if precision == "ieee" or DEVICE == "cpu" else 5e-3)
     with pytest.raises(ValueError):
         ker.thr_pair_sums(*case[:-1], precision="fp8")
-
-
-def batch_case(seed=0, b=6, t=7, v=60, d=12, dtype=torch.float32):
-    g = torch.Generator().manual_seed(seed)
-    logits = (torch.randn(b, t, v, generator=g) * 2).to(dtype)
-    tokens = torch.randint(0, v, (b, t), generator=g)
-    tokens[0, -2:] = -100  # padding
-    tokens[4, -1] = -100
-    correct = torch.tensor([True, False, True, False, False, True])
-    group = torch.tensor([0, 0, 0, 1, 1, 1])
-    hidden = torch.randn(b, t, d, generator=g).to(dtype)
-    return logits, tokens, correct, group, hidden
 
 
 @pytest.mark.parametrize("normalize", ["none", "length"])

@@ -3,8 +3,10 @@ an optional dependency (importing :mod:`ranktuner_kernels` imports none of them)
 
 * :mod:`ranktuner_kernels.integrations.transformers`: Hugging Face ``transformers`` (and TRL):
   ``patch_model``, ``make_compute_loss_func``, ``NLLLoggingCallback``. See ``docs/integrations.md``.
-* :mod:`ranktuner_kernels.integrations.trl`: TRL's ``SFTTrainer`` on the fused loss, with TRL's
-  metrics (``from ranktuner_kernels.integrations.trl import SFTTrainer``).
+* :mod:`ranktuner_kernels.integrations.trl`: TRL's fused LM head (``add_fused_lm_head``) on
+  this library's kernels, and TRL's GRPO, RLOO, DPO, KTO and SFT trainers on it
+  (``from ranktuner_kernels.integrations.trl import GRPOTrainer``; ``SFTTrainer`` takes
+  ``weighting=``).
 """
 
 import functools

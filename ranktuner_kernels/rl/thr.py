@@ -28,6 +28,7 @@ smallest, over the correct responses, of the mean THR of a response's tokens.
 Nothing here materialises ``N × V`` probabilities: :func:`thr_pair_sums` dispatches through the
 losses' ``Backend`` to the Triton kernel (``ranktuner_kernels.kernels.thr``) on CUDA, or to the
 streaming torch version (``ranktuner_kernels.reference.thr``) otherwise. Everything runs without gradient.
+From the hidden states and the LM head, never forming the logits: :mod:`ranktuner_kernels.rl.thr_linear`.
 """
 
 from __future__ import annotations
@@ -85,6 +86,14 @@ def _validate(logits, tokens, correct, group_index, mask, hidden, ignore_index):
     if not logits.dtype.is_floating_point:
         raise TypeError(f"logits: expected a floating dtype, got {logits.dtype}")
     b, t, v = logits.shape
+    if hidden is not None and (hidden.dim() != 3 or hidden.shape[:2] != (b, t)):
+        raise ValueError(f"hidden: expected [B, T, D] = ({b}, {t}, D), got {tuple(hidden.shape)}")
+    return validate_responses(tokens, correct, group_index, mask, ignore_index, b, t, v, logits.device)
+
+
+def validate_responses(tokens, correct, group_index, mask, ignore_index, b, t, v, device):
+    """Checks of the response arguments shared by the THR entry points; returns ``(keep [B, T]
+    bool, group_index [B] long, correct [B] bool)`` on ``device``."""
     if tokens.shape != (b, t):
         raise ValueError(f"tokens: expected shape ({b}, {t}), got {tuple(tokens.shape)}")
     if tokens.dtype.is_floating_point:
@@ -92,20 +101,38 @@ def _validate(logits, tokens, correct, group_index, mask, hidden, ignore_index):
     if correct.shape != (b,):
         raise ValueError(f"correct: expected shape ({b},), got {tuple(correct.shape)}")
     if group_index is None:
-        group_index = torch.zeros(b, dtype=torch.long, device=logits.device)
+        group_index = torch.zeros(b, dtype=torch.long, device=device)
     elif group_index.shape != (b,):
         raise ValueError(f"group_index: expected shape ({b},), got {tuple(group_index.shape)}")
     keep = tokens != ignore_index
     if mask is not None:
         if mask.shape != (b, t):
             raise ValueError(f"mask: expected shape ({b}, {t}), got {tuple(mask.shape)}")
-        keep = keep & (mask != 0)
-    if hidden is not None and (hidden.dim() != 3 or hidden.shape[:2] != (b, t)):
-        raise ValueError(f"hidden: expected [B, T, D] = ({b}, {t}, D), got {tuple(hidden.shape)}")
+        keep = keep & (mask.to(keep.device) != 0)
     kept_tokens = tokens[keep]
     if kept_tokens.numel() and (int(kept_tokens.min()) < 0 or int(kept_tokens.max()) >= v):
         raise ValueError(f"tokens: kept tokens must lie in [0, {v})")
-    return keep, group_index.to(logits.device).long(), correct.to(logits.device).bool()
+    return keep.to(device), group_index.to(device).long(), correct.to(device).bool()
+
+
+def observed_weights(keep, correct, normalize, dtype):
+    """``[B, T]`` weight ``w_o`` of every position as an observed token: 0 outside the kept
+    tokens of correct responses, 1 (``"none"``) or ``1/|y_o|`` (``"length"``) inside."""
+    if normalize not in NORMALIZE:
+        raise ValueError(f"normalize: expected one of {NORMALIZE}, got {normalize!r}")
+    w = torch.ones(keep.shape, dtype=dtype, device=keep.device)
+    if normalize == "length":
+        w = w / keep.sum(1, keepdim=True).clamp_min(1).to(dtype)
+    return torch.where(keep & correct[:, None], w, torch.zeros_like(w))
+
+
+def signed_thr(sums, keep, correct):
+    """``[B, T]`` THR from the kept positions' sums (in ``keep``'s row-major order): the sign of
+    the response, 0 at dropped positions."""
+    sign = torch.where(correct, 1.0, -1.0).to(sums.dtype)
+    thr = torch.zeros(keep.shape, dtype=sums.dtype, device=keep.device)
+    thr[keep] = sums * sign[:, None].expand(keep.shape)[keep]
+    return thr
 
 
 @torch.no_grad()
@@ -143,29 +170,18 @@ def token_hidden_reward(
     Returns ``[B, T]`` THR (float32; float64 for float64 logits on the torch paths), 0 at dropped
     positions and in groups without a correct response.
     """
-    if normalize not in NORMALIZE:
-        raise ValueError(f"normalize: expected one of {NORMALIZE}, got {normalize!r}")
     keep, group_index, correct = _validate(logits, tokens, correct, group_index, mask, hidden, ignore_index)
     b, t, _ = logits.shape
     dev = logits.device
+    wdt = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    w = observed_weights(keep, correct, normalize, wdt)
     rows = torch.arange(b * t, device=dev).view(b, t)
     resp_group = group_index[:, None].expand(b, t)
-    u_rows, u_group = rows[keep], resp_group[keep]
-    o_keep = keep & correct[:, None]
-    o_rows, o_group = rows[o_keep], resp_group[o_keep]
-    wdt = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    if normalize == "length":
-        lengths = keep.sum(1).clamp_min(1).to(wdt)
-        o_weight = (1.0 / lengths)[:, None].expand(b, t)[o_keep]
-    else:
-        o_weight = torch.ones(o_rows.numel(), dtype=wdt, device=dev)
+    o_keep = w != 0
     hid = None if hidden is None else hidden.reshape(b * t, hidden.shape[-1])
-    sums = thr_pair_sums(logits, tokens.reshape(-1).clamp_min(0), u_rows, u_group, o_rows, o_group, o_weight, hid,
-                         lse=lse, impl=impl, precision=precision)
-    sign = torch.where(correct, 1.0, -1.0).to(sums.dtype)
-    thr = torch.zeros(b, t, dtype=sums.dtype, device=dev)
-    thr[keep] = sums * sign[:, None].expand(b, t)[keep]
-    return thr
+    sums = thr_pair_sums(logits, tokens.reshape(-1).clamp_min(0), rows[keep], resp_group[keep], rows[o_keep],
+                         resp_group[o_keep], w[o_keep], hid, lse=lse, impl=impl, precision=precision)
+    return signed_thr(sums, keep, correct)
 
 
 @torch.no_grad()
