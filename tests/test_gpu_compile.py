@@ -81,7 +81,7 @@ def row_kernel_variants(gc):
     return out
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_every_kernel_compiles_for_every_target_without_spills(monkeypatch):
     monkeypatch.syspath_prepend(ROOT)  # the bench package, from the checkout
     from bench import gpu_compile as gc

@@ -98,7 +98,7 @@ def test_linear_loss_memory_is_the_gradients_plus_chunks():
     assert naive > bound
 
 
-@pytest.mark.slow
+@pytest.mark.long
 @pytest.mark.skipif(not hasattr(torch.nn, "LinearCrossEntropyOptions"), reason="torch >= 2.13 has the chunked peer")
 def test_linear_default_peaks_below_torchs_chunked_linear_cross_entropy():
     """Issue 8's CPU bound: at N = 4096, D = 512, V = 65536 (float32), the default chunk rule
