@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import numbers
 
 import torch
 
-from .weightings import Weighting
+from .weightings import WEIGHTINGS, Weighting
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
@@ -17,13 +18,41 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 EAGER_ARGS = ("process_group", "dp_group", "inplace_backward")
 
 
+def _keyword_only_weighting(fn):
+    """For an ``fn`` taking ``weighting=`` (keyword-only): ``(check, required)``, ``check(args)``
+    raising a TypeError that says so when a weighting (a registered name or a config) is among
+    the positional arguments past the ``required`` ones, where Python would report a bare
+    positional-count error or the value would land in another parameter (``weight``,
+    ``reduction``, ...); ``(None, 0)`` for a function without ``weighting``."""
+    params = inspect.signature(fn).parameters
+    if "weighting" not in params:
+        return None, 0
+    positional = [n for n, p in params.items() if p.kind == p.POSITIONAL_OR_KEYWORD]
+    required = sum(params[n].default is inspect.Parameter.empty for n in positional)
+
+    def check(args):
+        for i in range(required, len(args)):
+            v = args[i]
+            if isinstance(v, Weighting) or (isinstance(v, str) and v in WEIGHTINGS):
+                where = f"as {positional[i]!r}" if i < len(positional) else "past the positional parameters"
+                raise TypeError(f"{fn.__name__}: weighting is keyword-only: pass weighting={v!r} (it was given as "
+                                f"positional argument {i + 1}, {where}; the positional parameters are "
+                                f"{', '.join(positional)}, as in torch)")
+
+    return check, required
+
+
 def _eager_under_compile(fn, must_be_eager):
     """``fn``, run eagerly inside ``torch.compile``d code (a graph break at the call, as
     ``torch.compiler.disable``) when ``must_be_eager(kwargs)``; an eager call is a plain call and
-    never imports ``torch._dynamo`` (several seconds)."""
+    never imports ``torch._dynamo`` (several seconds). Positional arguments past ``fn``'s required
+    ones are checked for a ``weighting`` given positionally (:func:`_keyword_only_weighting`)."""
+    check, required = _keyword_only_weighting(fn)
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        if check is not None and len(args) > required:
+            check(args)
         if torch.compiler.is_compiling() and must_be_eager(kwargs):
             return torch.compiler.disable(fn)(*args, **kwargs)  # dynamo is imported by now
         return fn(*args, **kwargs)

@@ -27,6 +27,9 @@ matplotlib) and a terminal table. A thin wrapper around ``rk.inspect``
    (``ids -> list[str]``) or ``"decode"`` (``[id] -> str``), and ``"bos_id"`` (prepended).
    The prompt's tokens are shown but not scored (label ``-100``).
 
+With no arguments it prints this help and exits with status 2 (like a usage error: nothing
+was done); ``--help`` prints it and exits with 0.
+
 ``--weighting`` takes a name (``ranktuner``, ``dft``, ...; default ``sft``, as everywhere in
 the library) or a config call such as ``"RankTuner(w0='one', xi='geo')"`` (a registered
 weighting class with literal keyword arguments; nothing else is evaluated).
@@ -135,6 +138,9 @@ def main(argv=None) -> int:
     ap.add_argument("--rows", type=int, default=60, help="terminal table rows (0: all; default 60)")
     ap.add_argument("--title", default="Token inspection")
     ap.add_argument("--impl", default="auto", choices=("auto", "reference", "triton"))
+    if not (sys.argv[1:] if argv is None else argv):  # no arguments: the whole help, exit status 2 (nothing done)
+        ap.print_help()
+        return 2
     args = ap.parse_args(argv)
 
     if (args.saved is None) == (args.model is None):
@@ -164,7 +170,7 @@ def main(argv=None) -> int:
                            png_rows=tuple(r.strip() for r in args.png_rows.split(",") if r.strip()),
                            line_chars=args.line_chars, max_table_rows=args.rows or None, title=args.title,
                            impl=args.impl, **kw)
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, ImportError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     for label, path in (("html", args.html), ("png", args.png)):

@@ -107,6 +107,7 @@ class Inspection:
         """The paper's layout (Fig. 4): one panel of coloured tokens per row in ``rows``
         (default ``p_t``, ``H_t``, ``I_t``; add ``"weight"`` or ``"rank"``), each with its
         colour bar; long texts wrap at ``line_chars`` columns. Needs matplotlib."""
+        require_matplotlib()
         self.png_path = render_png.save_png(self, path, rows, line_chars, fontsize, dpi)
         return self.png_path
 
@@ -142,6 +143,15 @@ def _token_strings(ids: list, tokens, decode, n: int, name: str) -> list:
                 out.append(str(decode(i)))
         return out
     return [f"[{i}]" if i >= 0 else "" for i in ids]
+
+
+def require_matplotlib() -> None:
+    """Import matplotlib (the PNG needs it), or raise an ImportError naming the extra to install."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError as e:
+        raise ImportError('png: writing the PNG needs matplotlib, which is not installed: '
+                          'pip install "ranktuner-kernels[examples]" (or pip install matplotlib)') from e
 
 
 def inspect(
@@ -187,7 +197,8 @@ def inspect(
         weighting: any weighting ``rk.cross_entropy`` takes (``"ranktuner"``, ``rk.DFT()``, ...);
             its per-token weight ``w_t`` is shown. Default ``"sft"``, as at every entry point of
             the library (``w = 1``: the weight panel is then all white).
-        html, png: paths to write (``None``: not written). The PNG needs matplotlib.
+        html, png: paths to write (``None``: not written). The PNG needs matplotlib (the
+            ``examples`` extra); without it a ``png`` raises ImportError, before anything is written.
         png_rows: panels of the PNG, from ``"p_t"``, ``"entropy"``, ``"indicator"``, ``"rank"``,
             ``"weight"`` (default: the paper's three rows).
         line_chars: wrap width of the PNG, in characters.
@@ -200,6 +211,8 @@ def inspect(
     """
     if (token_ids is None) == (target is None):
         raise ValueError("give exactly one of token_ids (causal text) and target (logits aligned with targets)")
+    if png is not None:
+        require_matplotlib()  # before any work, and before the HTML is written
 
     if token_ids is not None:
         ids = _as_1d_long(token_ids, "token_ids")
