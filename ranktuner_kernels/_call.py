@@ -215,6 +215,7 @@ def prepare(
         range_check = backend.range_check
     if shard is not None:
         flat_target = _distributed.local_target(flat_target, shard, ignore_index)
+        ignore_index = _distributed.local_ignore_index(ignore_index)  # what the shard's passes skip
     params = LossParams(weighting, backend, shape, ignore_index, reduction, tr, label_smoothing, z_loss,
                         inplace_backward=bool(inplace_backward), rows=rows, acc_policy=policy,
                         grad_enabled=torch.is_grad_enabled(),

@@ -98,19 +98,25 @@ def vocab_shard(group, v_local: int, flat_target: torch.Tensor, vocab_offset, vo
     return VocabShard(group, vocab_offset, v_local, vocab_size, world)
 
 
+def local_ignore_index(ignore_index: int) -> int:
+    """The ignore value of the shard-local targets: a negative ``ignore_index`` itself, else -100
+    (a non-negative one can equal an owned target's local column index ``y - offset``)."""
+    return ignore_index if ignore_index < 0 else -100
+
+
 def local_target(flat_target: torch.Tensor, shard: VocabShard, ignore_index: int) -> torch.Tensor:
     """Shard-local target indices: ``y - offset`` where this shard owns ``y``; where another
     shard does, a sentinel that keeps the row but names no column and tells on which side the
     target lies (``is_top1``'s ties count after it): negative (-1, or -2) where the target
-    precedes the shard's columns, ``v_local`` (or ``v_local + 1``) where it follows them, never
-    ``ignore_index``; ``ignore_index`` stays."""
+    precedes the shard's columns, ``v_local`` where it follows them; :func:`local_ignore_index`
+    where the target is ``ignore_index`` (the call's passes then skip that value)."""
     keep = flat_target != ignore_index
     loc = flat_target - shard.offset
     owned = keep & (loc >= 0) & (loc < shard.v_local)
-    before = -1 if ignore_index != -1 else -2
-    after = shard.v_local if ignore_index != shard.v_local else shard.v_local + 1
-    other = torch.where(loc < 0, before, after)
-    return torch.where(owned, loc, torch.where(keep, other, flat_target)).contiguous()
+    local_ignore = local_ignore_index(ignore_index)
+    before = -1 if local_ignore != -1 else -2
+    other = torch.where(loc < 0, before, shard.v_local)
+    return torch.where(owned, loc, torch.where(keep, other, local_ignore)).contiguous()
 
 
 def _all_reduce(t: torch.Tensor, op, group) -> torch.Tensor:

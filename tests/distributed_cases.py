@@ -747,7 +747,7 @@ def trl_head_suite(world):
 
 
 #: the ignore_index values of ``ignore_index_cases``: ``ignore2-collide`` holds those that are also
-#: shard-local column indices (a known bug: the owning shard drops that target's row)
+#: shard-local column indices (``_distributed.local_ignore_index``)
 IGNORE_SUITES = {"ignore2": (-1, -2, 10**6), "ignore2-collide": (0, 5)}
 SUITES = {"tp2": tp_suite, "tp4": tp4_suite, "hf2": hf_suite, "zero3": zero3_suite, "trl_head": trl_head_suite,
           **{name: (lambda world, ii=ii: ignore_index_cases(world, ii)) for name, ii in IGNORE_SUITES.items()}}

@@ -15,11 +15,10 @@ given; ``torch.distributed`` stays uninitialised):
 
 Slow: two gloo processes (``tests/distributed_cases.py``), both implementations.
 
-Known bug (the ``0`` and ``5`` cases, strict xfails that turn into failures once it is fixed):
-``local_target`` maps a target owned by a shard at offset ``lo`` to ``y - lo``, which equals a
-non-negative ``ignore_index`` for ``y = lo + ignore_index``; the shard's passes (run with the
-caller's ``ignore_index``) then drop that row, so its target logit is lost (the loss and the
-gradient differ from the unsharded call's).
+``0`` and ``5`` are also shard-local column indices: a target ``y = lo + ignore_index`` owned by
+the shard at offset ``lo`` has the local index ``ignore_index``. The shard's passes therefore skip
+a value no column has (``_distributed.local_ignore_index``); before that, the shard dropped that
+target's row (wrong loss and gradients) and passed every other test of the suite.
 """
 
 import datetime
@@ -35,9 +34,7 @@ pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_avai
                                 reason="needs torch.distributed with gloo")
 
 V, LO, HI = 41, 13, 29
-COLLIDES = pytest.mark.xfail(strict=True, reason="_distributed.local_target: an owned target's shard-local index "
-                                                 "equals a non-negative ignore_index, and the shard drops its row")
-IGNORE_INDICES = [-100, -1, -2, 10**6, pytest.param(0, marks=COLLIDES), pytest.param(5, marks=COLLIDES)]
+IGNORE_INDICES = [-100, -1, -2, 10**6, 0, 5]
 
 
 @pytest.fixture(scope="module")
@@ -221,7 +218,7 @@ def test_two_shards_with_ignore_index(two_ranks, path, weighting, reduction, ign
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("suite", ["ignore2", pytest.param("ignore2-collide", marks=COLLIDES)])
+@pytest.mark.parametrize("suite", ["ignore2", "ignore2-collide"])
 def test_two_ranks_with_ignore_index(suite, tmp_path):
     """Two gloo ranks (uneven shards of 21 and 16 columns), both paths and implementations:
     loss, statistics and gradients against the unsharded call (``distributed_cases``)."""
