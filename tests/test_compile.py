@@ -267,18 +267,19 @@ def test_eager_functions_break_the_graph_once():
     assert counter.frame_count == 2  # the graphs before and after the break, each compiled once
 
 
-def _opcheck_args(kind):
-    """The forward op of ``kind`` and its arguments: the tensors (``spec.inputs``), the shape,
-    rows, requires-grad flags and the interned settings key."""
+def _opcheck_args(kind, dtype=torch.float32, impl="reference"):
+    """The forward op of ``kind`` and its arguments: the tensors (``spec.inputs``, the floating
+    ones in ``dtype``), the shape, rows, requires-grad flags and the interned settings key."""
     from ranktuner_kernels import _dispatch, _params, _schema
 
     weighting = "talr" if kind.endswith("talr") else "dft"
     extra = frozenset(rk.reference.OPTIONAL_STATS) if kind.endswith("stats") else frozenset()
-    params = _params.LossParams(rk.weightings.resolve(weighting), _dispatch.BACKENDS["reference"], (),
+    params = _params.LossParams(rk.weightings.resolve(weighting), _dispatch.BACKENDS[impl], (),
                                 acc_policy="compact", asked_stats=extra)
     key = _ops.key_of(params)
     if kind.startswith(("token_loss", "logprobs")):
         logits, target = _logits_batch()(0)
+        logits = logits.detach().to(dtype).requires_grad_()
         if kind.startswith("logprobs"):
             tensors, spec = [logits, target.reshape(-1)], _schema.LOGPROBS
         else:
@@ -289,6 +290,8 @@ def _opcheck_args(kind):
         h, w, target, b = _hidden_batch(bias=True)(0)
         if kind.startswith("linear_loss_bf16"):  # gradients in backward only (TALR): 16-bit placeholders
             h, w, b = (t.detach().bfloat16().requires_grad_() for t in (h, w, b))
+        if dtype != torch.float32:
+            h, w, b = (t.detach().to(dtype).requires_grad_() for t in (h, w, b))
         h = h.reshape(-1, h.shape[-1])
         if kind.startswith("linear_logprobs"):
             tensors, spec = [h, w, b, target.reshape(-1)], _schema.LINEAR_LOGPROBS
@@ -302,14 +305,23 @@ def _opcheck_args(kind):
     return _ops.OPS[spec.name][1], (tensors, given, list(target.shape), rows, needs, key)
 
 
-@pytest.mark.parametrize("kind", ["token_loss", "token_loss_stats", "linear_loss", "linear_loss_bf16_talr",
-                                  "logprobs_stats", "linear_logprobs", "linear_logprobs_stats"])
-def test_opcheck(kind):
+#: every op made from a ``FunctionSpec``, with and without the optional statistics; the
+#: log-probability ops also in 16 bits on both implementations (their outputs stay float32: a fake
+#: giving 16-bit ones passed the suite once)
+OPCHECKS = [(kind, torch.float32, "reference") for kind in
+            ("token_loss", "token_loss_stats", "linear_loss", "linear_loss_bf16_talr", "logprobs_stats",
+             "linear_logprobs", "linear_logprobs_stats")]
+OPCHECKS += [(kind, dtype, impl) for kind in ("logprobs", "linear_logprobs") for dtype in (torch.bfloat16, torch.float16)
+             for impl in ("reference", "triton")]
+
+
+@pytest.mark.parametrize("kind, dtype, impl", OPCHECKS, ids=str)
+def test_opcheck(kind, dtype, impl):
     """torch.library.opcheck: schema, fake implementation and autograd registration agree with
-    the op's real behaviour (every op made from a ``FunctionSpec``, with and without the
-    optional statistics)."""
-    op, args = _opcheck_args(kind)
-    torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
+    the op's real behaviour; AOT dispatch also runs the backward op against its fake."""
+    op, args = _opcheck_args(kind, dtype, impl)
+    torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration",
+                                                "test_aot_dispatch_dynamic"))
 
 
 def test_nll_meter_records_from_compiled_code():

@@ -1,27 +1,20 @@
-"""The log-probability custom ops (``ranktuner::logprobs``, ``ranktuner::linear_logprobs`` and
-their backward ops) in 16-bit and float32: ``torch.library.opcheck`` (schema, fake
-implementation against the real one, autograd registration), and ``torch.compile`` of
-``rk.logprobs`` / ``rk.linear_logprobs`` giving eager's output dtypes (float32 for 16-bit
-inputs) and values.
-
-``tests/test_compile.py`` opchecks the loss ops and compiles the log-probability functions in
-float32 only; a fake implementation that gives 16-bit outputs for 16-bit inputs (where the op
-returns float32) passed it.
+"""``torch.compile`` of ``rk.logprobs`` / ``rk.linear_logprobs`` on 16-bit inputs gives eager's
+output dtypes (float32) and values, with code after the op that reads its outputs' dtype (the ops'
+``opcheck`` in 16 bits is in ``tests/test_compile.py``). A fake implementation that gave 16-bit
+outputs for 16-bit inputs passed the suite once: under inductor it silently reads the float32
+buffer as 16-bit values.
 """
 
 import pytest
 import torch
 
 import ranktuner_kernels as rk
-from ranktuner_kernels import _call, _ops
 
 dynamo = pytest.importorskip("torch._dynamo")
 from torch._dynamo.testing import CompileCounterWithBackend  # noqa: E402
 
 KINDS = ["logprobs", "linear_logprobs"]
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
-#: the Triton implementation runs under the interpreter on CPU: the same fake, its own real outputs
-IMPLS = ["reference", "triton"]
 
 
 @pytest.fixture(autouse=True)
@@ -42,42 +35,6 @@ def inputs(kind, dtype, seed=0):
     else:
         tensors = [torch.randn(2, 5, 8, generator=g), torch.randn(13, 8, generator=g) / 2, torch.randn(13, generator=g)]
     return [t.to(dtype).requires_grad_() for t in tensors], target
-
-
-def op_cases(kind, dtype, impl):
-    """``[(op, args)]``: the forward op and its backward op, with the arguments the public
-    function passes them (the backward's saved tensors from a real forward)."""
-    tensors, target = inputs(kind, dtype)
-    g = torch.Generator().manual_seed(1)
-    if kind == "logprobs":
-        call = _call.prepare("logprobs", tensors[0], target, reduction="none", temperature=0.7, impl=impl)
-        head = (call.input, call.target, list(call.params.shape))
-        fwd = (_ops.logprobs_op, (*head, _ops.key_of(call.params)))
-    else:
-        call = _call.prepare("linear_logprobs", tensors[0], target, linear_weight=tensors[1],
-                             linear_bias=tensors[2], reduction="none", temperature=0.7, chunk_size=4, impl=impl)
-        head = (call.input, call.linear_weight, call.linear_bias, call.target, list(call.params.shape),
-                call.params.rows)
-        fwd = (_ops.linear_logprobs_op, (*head, _ops.key_of(call.params)))
-    with torch.no_grad():
-        logp, ent, lse = fwd[0](*fwd[1])
-    grads = [torch.rand(logp.shape, generator=g, dtype=logp.dtype) for _ in range(2)]
-    if kind == "logprobs":
-        bwd = (_ops.logprobs_backward_op, (*grads, *head[:2], lse, logp, ent, *head[2:], _ops.key_of(call.params)))
-    else:
-        bwd = (_ops.linear_logprobs_backward_op,
-               (*grads, *head[:4], lse, logp, ent, *head[4:], [True, True, True], _ops.key_of(call.params)))
-    return [fwd, bwd]
-
-
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("kind", KINDS)
-def test_opcheck_logprobs_ops(kind, dtype, impl):
-    """Each op's fake implementation gives the real outputs' shapes, dtypes (float32 logp,
-    entropy and lse for 16-bit inputs; the inputs' dtypes for the gradients) and devices."""
-    for op, args in op_cases(kind, dtype, impl):
-        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor", "test_autograd_registration"))
 
 
 #: dynamo's own trace ("eager": where the fake's dtype shows first), AOTAutograd with the
