@@ -71,7 +71,7 @@ def prior_batches(examples: list, tok: CharTokenizer, cfg: MatterConfig, size: i
         labels = torch.full((len(rows), t), -100)
         for j, (a, b) in enumerate(rows):
             ids[j, : len(a)], labels[j, : len(b)] = torch.tensor(a), torch.tensor(b)
-        yield {"input_ids": ids.to(cfg.device), "labels": labels.to(cfg.device)}
+        yield {"input_ids": ids, "labels": labels}  # prior_strength moves them to the model
 
 
 def measure_prior(model, tok: CharTokenizer, examples: list, cfg: MatterConfig):

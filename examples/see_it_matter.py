@@ -48,7 +48,7 @@ import finetune as ft  # noqa: E402
 # the building blocks, also for finetune_hf.py and the tests
 from noisy_setting import (MatterConfig, corrupt_after_first_step, dataclass_replace, evaluate,  # noqa: E402,F401
                            finetune_each, make_data, new_model, plot_summary, pretrain, provenance, summarize,
-                           summary_table)
+                           summary_table, weighting_of)
 from tiny_lm import CharTokenizer  # noqa: E402
 
 #: ``--quick``: the continuum shortened (one seed, 300/40 problems, batches of 16, 80 pre-training
