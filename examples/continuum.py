@@ -270,7 +270,9 @@ def plot(summary: dict, names: list, path: str, title: str) -> str | None:
                         yerr=[scale * v[1] for _, v in pts], fmt="o-" if n != PRE else "s--", capsize=3, ms=4,
                         color=COLOURS.get(n, "#999999"), label=n, lw=1.3)
         ax.set_xlim(0, 1)
-        ax.set_xlabel("prior strength: mean p_t of the fine-tune data before fine-tuning", fontsize=8)
+        ax.set_xlabel("prior strength (mean p_t before fine-tuning)", fontsize=8)
+        if key == "clean_nll":
+            ax.set_yscale("log")
         ax.set_ylabel(unit)
         ax.set_title(label, fontsize=9)
         ax.grid(alpha=0.3)

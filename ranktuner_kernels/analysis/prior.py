@@ -154,12 +154,12 @@ class PriorStrength:
         for reg, (lo, hi) in zip(REGIONS, zip((0.0, *REGION_BOUNDS), (*REGION_BOUNDS, 1.0))):
             bottom.axvspan(lo, hi, color=colours[reg], alpha=0.08)
             bottom.text((lo + hi) / 2, 0.55, reg, ha="center", fontsize=8)
-        bottom.plot(self.mean_p, 0, "k*", ms=14, label="this model and data")
+        bottom.plot(self.mean_p, 0, "k*", ms=14)
         bottom.set_xlim(0, 1)
         bottom.set_ylim(-0.5, 1)
         bottom.set_yticks([])
-        bottom.set_xlabel("mean target probability (dots: arXiv 2510.00526, Table 6)", fontsize=8)
-        bottom.legend(fontsize=7, loc="lower right")
+        bottom.set_xlabel("mean target probability (star: this model on this data; dots: arXiv 2510.00526, "
+                          "Table 6)", fontsize=8)
         fig.suptitle(title or f"Prior strength: {self.mean_p:.3f} ({self.region}), {self.n_tokens} tokens", fontsize=10)
         fig.tight_layout()
         fig.savefig(path)
