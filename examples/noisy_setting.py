@@ -169,11 +169,18 @@ def weighting_of(spec: str):
 
 
 def new_model(cfg: MatterConfig, tok: CharTokenizer, seed: int) -> TinyLM:
-    """The seed's freshly initialised model (``torch.manual_seed(seed)``) in ``cfg.dtype``."""
+    """The seed's freshly initialised model (``torch.manual_seed(seed)``), created and initialised
+    in ``cfg.dtype``: a float32 initialisation cast to float64 would carry float32's CPU-dependent
+    rounding of the random normals (~5e-7), which Adam's first steps grow to ~1e-3."""
     torch.manual_seed(seed)
-    model = TinyLM(TinyLMConfig(tok.vocab_size, d_model=cfg.d_model, n_layer=cfg.n_layer, n_head=cfg.n_head,
-                                d_ff=cfg.d_ff, max_len=cfg.max_len))
-    return model.to(device=cfg.device, dtype=getattr(torch, cfg.dtype))
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(getattr(torch, cfg.dtype))
+    try:
+        model = TinyLM(TinyLMConfig(tok.vocab_size, d_model=cfg.d_model, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                                    d_ff=cfg.d_ff, max_len=cfg.max_len))
+    finally:
+        torch.set_default_dtype(default)
+    return model.to(cfg.device)
 
 
 def pretrain(model: TinyLM, cfg: MatterConfig, tok: CharTokenizer, rng: random.Random, held_out: set, steps: int,
