@@ -1,7 +1,7 @@
 """See it matter: does the objective change what a fine-tuned model learns from noisy data, and
 does the answer depend on how much the model knew of the task before fine-tuning?
 
-    python examples/see_it_matter.py --continuum  # three prior strengths x 5 objectives x 3 seeds (docs/choosing.md)
+    python examples/see_it_matter.py --continuum --jobs 2  # 3 prior strengths x 5 objectives x 3 seeds (docs/choosing.md)
     python examples/see_it_matter.py --quick      # the continuum shortened, in float64 (tests/test_see_it_matter.py)
     python examples/see_it_matter.py              # the single setting of docs/see_it_work.md: 4 objectives x 3 seeds
     python examples/see_it_matter.py --help
@@ -24,8 +24,9 @@ batches; held-out exact match, the noisy-generation rates and the clean held-out
 Output: a scratch folder under the system's temporary directory, unless ``--update`` (the
 committed folder: ``examples/results/see_it_matter``, ``..._continuum`` or ``..._quick``) or
 ``--out DIR``: ``see_it_matter.json`` (every run, the mean and sample standard deviation, the
-commit, the command, the CPU time and the machine's load) and ``see_it_matter.png``. The seeds
-can run as separate processes (``--seeds k``) and be merged (``--merge DIR ...``).
+commit, the command, the CPU time and the machine's load) and ``see_it_matter.png``. Each process
+uses one torch thread (``--threads``); ``--jobs N`` runs the seeds in N processes at a time and
+merges them (also by hand: ``--seeds k`` per process, then ``--merge DIR ...``).
 """
 
 from __future__ import annotations
@@ -144,10 +145,47 @@ def run(cfg: MatterConfig, quiet: bool = False, progress: bool | None = None, ar
     return assemble(config, rows, prov, timing, cfg.out_dir, cfg.save, say)
 
 
-def merge(parts: list, out_dir: str, argv: list | None = None) -> dict:
+def _without(argv: list, valued: set, flags: set) -> list:
+    """``argv`` without the options in ``valued`` (with their value) and the ``flags``."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in valued:
+            skip = True
+        elif a.split("=", 1)[0] not in valued | flags:
+            out.append(a)
+    return out
+
+
+def run_in_processes(cfg: MatterConfig, argv: list, jobs: int) -> dict:
+    """Each seed in a process of its own (``--seeds k``, output in ``out_dir/seed<k>``, console in
+    its ``output.txt``), at most ``jobs`` at a time, then :func:`merge` into ``out_dir``."""
+    import subprocess
+
+    child = _without(argv, {"--seeds", "--out", "--jobs"}, {"--update", "--merge"})
+    wall0, procs, parts = time.time(), [], []
+    for seed in cfg.seeds:
+        folder = os.path.join(cfg.out_dir, f"seed{seed}")
+        os.makedirs(folder, exist_ok=True)
+        while sum(p.poll() is None for p in procs) >= jobs:
+            time.sleep(1)
+        with open(os.path.join(folder, "output.txt"), "w") as log:
+            procs.append(subprocess.Popen([sys.executable, os.path.abspath(__file__), *child, "--seeds", str(seed),
+                                           "--out", folder, "--quiet"], stdout=log, stderr=subprocess.STDOUT))
+        parts.append(folder)
+        print(f"seed {seed}: process {procs[-1].pid}, console in {folder}/output.txt", flush=True)
+    for seed, p in zip(cfg.seeds, procs):
+        if p.wait() != 0:
+            raise RuntimeError(f"the process of seed {seed} failed (exit {p.returncode}): see its output.txt")
+    return merge(parts, cfg.out_dir, argv, wall_seconds=time.time() - wall0)
+
+
+def merge(parts: list, out_dir: str, argv: list | None = None, wall_seconds: float | None = None) -> dict:
     """One result from the ``see_it_matter.json`` of runs made separately (e.g. one seed per
     process): the rows concatenated, the summary and the plot re-made; each part's provenance,
-    CPU and wall time kept; ``cpu_seconds`` is their sum, ``wall_seconds`` their maximum."""
+    CPU and wall time kept; ``cpu_seconds`` is their sum, ``wall_seconds`` their maximum (or the
+    caller's measure)."""
     loaded = []
     for part in parts:
         path = part if part.endswith(".json") else os.path.join(part, "see_it_matter.json")
@@ -158,7 +196,8 @@ def merge(parts: list, out_dir: str, argv: list | None = None) -> dict:
         raise ValueError("parts: the runs differ in more than their seeds and output folders")
     rows = [row for r in loaded for row in r["rows"]]
     config = dict(loaded[0]["config"], seeds=sorted({r["seed"] for r in rows}), out_dir=out_dir)
-    timing = {"wall_seconds": max(r["wall_seconds"] for r in loaded), "cpu_seconds": sum(r["cpu_seconds"] for r in loaded),
+    timing = {"wall_seconds": wall_seconds or max(r["wall_seconds"] for r in loaded),
+              "cpu_seconds": sum(r["cpu_seconds"] for r in loaded),
               "parts": [{k: r.get(k) for k in ("wall_seconds", "cpu_seconds", "loadavg_start", "loadavg_end")}
                         for r in loaded]}
     prov = {**provenance(argv), "parts": [r["provenance"] for r in loaded]}
@@ -182,11 +221,19 @@ def parse_args(argv=None) -> tuple:
     for f in fields(cont.ContinuumConfig):
         if f.name not in skip:
             ap.add_argument("--" + f.name.replace("_", "-"), type=type(f.default), default=None, help=f"default {f.default}")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per process (default 1: for these tiny "
+                                                               "models more threads cost more than they give)")
+    ap.add_argument("--jobs", type=int, default=1, help="run the seeds in this many processes at a time, then merge "
+                                                        "(e.g. 2 on 2 cores)")
     ap.add_argument("--no-save", action="store_true", help="write no files")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
     ap.add_argument("--merge", nargs="+", metavar="DIR", help="merge the results of separate runs (e.g. one seed "
                     "each) into --out (or, with --update, the committed folder) and exit")
     args = ap.parse_args(argv)
+    if args.threads < 1 or args.jobs < 1:
+        ap.error("--threads and --jobs must be positive")
+    if args.jobs > 1 and args.no_save:
+        ap.error("--jobs merges the processes' files: it cannot be used with --no-save")
     mode = "quick" if args.quick else "continuum" if args.continuum else "single"
     cfg = cont.ContinuumConfig(**QUICK) if args.quick else cont.ContinuumConfig() if args.continuum else MatterConfig()
     names = {f.name for f in fields(cfg)}
@@ -215,6 +262,9 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if args.merge:
         return merge(args.merge, cfg.out_dir, argv)
+    if args.jobs > 1 and len(cfg.seeds) > 1:
+        return run_in_processes(cfg, argv, args.jobs)
+    torch.set_num_threads(args.threads)
     return run(cfg, progress=not args.quiet, argv=argv)
 
 
