@@ -102,8 +102,9 @@ def assemble(config: dict, rows: list, prov: dict, timing: dict, out_dir: str, s
         text = "\n\n".join(f"{k}:\n{t}" for k, t in result["tables"].items())
         text += "\n\n" + "\n".join(line for k, v in result["verdicts"].items() for line in cont.verdict_lines(v, k))
     say(f"\n{len(seeds)} seed(s), held-out {config['n_test']} problems; mean ± std over the seeds\n\n{text}")
-    say(f"\nwall {timing['wall_seconds']:.0f} s, CPU {timing['cpu_seconds']:.0f} s (load average "
-        f"{timing.get('loadavg_start')} at the start, {timing.get('loadavg_end')} at the end)")
+    loads = [(p.get("loadavg_start"), p.get("loadavg_end")) for p in timing.get("parts", [timing])]
+    say(f"\nwall {timing['wall_seconds']:.0f} s, CPU {timing['cpu_seconds']:.0f} s; load average at the start and "
+        "the end: " + ", ".join(f"{a and round(a[0], 1)} / {b and round(b[0], 1)}" for a, b in loads))
     if save:
         os.makedirs(out_dir, exist_ok=True)
         title = (f"Tiny LM, {config['n_ops']}-step arithmetic, {config['noise_frac']:.0%} of responses with a sentence "

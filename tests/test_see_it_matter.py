@@ -150,7 +150,7 @@ def test_continuum_summary_table_and_verdicts():
     assert "no spread" in cont.verdict_lines(cont.verdicts(one, cont.summarize(one, names), names))[0]
 
 
-@pytest.mark.slow
+@pytest.mark.long
 def test_quick_run_reproduces_the_committed_figures(tmp_path, one_thread):
     """The quick continuum (float64) against its committed figures: every rate to the example
     (they are counts), every NLL and weight to 1e-6 relative; and its conclusions."""
@@ -195,3 +195,22 @@ def test_quick_run_reproduces_the_committed_figures(tmp_path, one_thread):
 
 def _close(a, b, rel=1e-6):
     return a is None and b is None or (a is not None and b is not None and math.isclose(a, b, rel_tol=rel))
+
+
+@pytest.mark.slow
+def test_jobs_runs_the_seeds_in_processes_and_merges(tmp_path):
+    """``--jobs 2``: one process per seed (its files in ``seed<k>/``), merged into ``--out``; a
+    few steps of everything (the code path, not a result)."""
+    sim = load_example("see_it_matter")
+    tiny = ["--quick", "--seeds", "0,1", "--jobs", "2", "--out", str(tmp_path), "--n-train", "40", "--n-test", "4",
+            "--pretrain-steps", "2", "--steps", "2", "--strong-round", "1", "--strong-rounds", "1",
+            "--weightings", "sft,RankTuner(w0='one')"]
+    assert sim._without(tiny, {"--seeds", "--out", "--jobs"}, {"--update"})[:2] == ["--quick", "--n-train"]
+    res = sim.main(tiny)
+    assert sorted({r["seed"] for r in res["rows"]}) == [0, 1] and len(res["provenance"]["parts"]) == 2
+    for k in (0, 1):
+        assert (tmp_path / f"seed{k}" / "see_it_matter.json").is_file()
+        assert "seed" in (tmp_path / f"seed{k}" / "output.txt").read_text()
+    saved = json.loads((tmp_path / "see_it_matter.json").read_text())
+    assert saved["cpu_seconds"] == pytest.approx(sum(p["cpu_seconds"] for p in saved["parts"]))
+    assert set(saved["summary"]) == {"weak", "intermediate", "strong"}
