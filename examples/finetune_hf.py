@@ -32,6 +32,12 @@ is on the response and an ``<eos>``, the prompt's labels are ``-100``) and optio
 (3-step arithmetic, 30 % of the training responses with a sentence after the first step).
 ``--make-tiny-model DIR`` writes a tiny random Llama and a character tokenizer (offline) for a
 smoke test.
+
+**Which objective?** ``--report-prior`` first prints the model's prior strength on the training
+data (``rk.analysis.prior_strength``: the mean target probability before fine-tuning, arXiv
+2510.00526's proxy, with the region it falls in; ``prior_strength.png`` in ``--out``), then runs
+the comparison; ``--prior-only`` prints it and stops. What each region's evidence says:
+``docs/choosing.md``.
 """
 
 from __future__ import annotations
@@ -207,6 +213,35 @@ def clean_nll(model, dataset: list, collator, batch_size: int) -> float:
     return total / count
 
 
+# ----------------------------------------------------------------------------- prior strength
+
+def report_prior(args, train_ds: list, collator, out_dir: str) -> dict:
+    """``rk.analysis.prior_strength`` of the model at ``args.model``, before any training, on the
+    tokens the training loss scores (the response and ``<eos>`` of every training example):
+    printed with where it falls against arXiv 2510.00526's reference points; the histogram
+    written to ``out_dir/prior_strength.png`` (with matplotlib). Returns its ``to_dict()``."""
+    from transformers import AutoModelForCausalLM
+
+    import ranktuner_kernels as rk
+
+    dtype = torch.bfloat16 if args.bf16 else torch.float32
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).to(device).eval()
+    bs = args.eval_batch_size
+    batches = (collator(train_ds[i: i + bs]) for i in range(0, len(train_ds), bs))
+    res = rk.analysis.prior_strength(model, batches, progress=not args.quiet, total=-(-len(train_ds) // bs))
+    print(res.summary(), flush=True)
+    out = res.to_dict()
+    png = res.plot(os.path.join(out_dir, "prior_strength.png"),
+                   f"{os.path.basename(os.path.normpath(args.model))} on {os.path.basename(args.data)}: "
+                   f"prior strength {res.mean_p:.3f} ({res.region})")
+    if png:
+        out["png"] = png
+        print(f"png: {png}", flush=True)
+    del model
+    return out
+
+
 # ----------------------------------------------------------------------------- one run
 
 def run_one(args, weighting: str, seed: int, train_ds: list, eval_rows: list, eval_ds: list, noise_re, answer_re,
@@ -226,7 +261,7 @@ def run_one(args, weighting: str, seed: int, train_ds: list, eval_rows: list, ev
 
         model = get_peft_model(model, LoraConfig(r=args.lora_r, lora_alpha=2 * args.lora_r, lora_dropout=0.0,
                                                  target_modules="all-linear", task_type="CAUSAL_LM"))
-    patch_model(model, weighting=weighting)
+    patch_model(model, weighting=sim.weighting_of(weighting))  # a name or a config call, "RankTuner(w0='one')"
     run_dir = os.path.join(out_dir, f"{weighting}_seed{seed}")
     targs = TrainingArguments(
         output_dir=run_dir, max_steps=args.steps, per_device_train_batch_size=args.batch_size,
@@ -288,6 +323,9 @@ def main(argv=None):
     ap.add_argument("--noise-regex", help="a generation matching it is noisy (default: from the 'noise' fields)")
     ap.add_argument("--out", default=None, help=f"output folder (default: a scratch folder, {SCRATCH})")
     ap.add_argument("--quiet", action="store_true", help="no progress bars")
+    ap.add_argument("--report-prior", action="store_true", help="first print the model's prior strength on the "
+                    "training data (rk.analysis.prior_strength: arXiv 2510.00526's proxy; docs/choosing.md)")
+    ap.add_argument("--prior-only", action="store_true", help="print the prior strength and stop (no training)")
     ap.add_argument("--make-demo-data", metavar="DIR", help="write DIR/train.jsonl and DIR/test.jsonl and exit")
     ap.add_argument("--make-tiny-model", metavar="DIR", help="write a tiny random Llama + tokenizer to DIR and exit")
     args = ap.parse_args(argv)
@@ -305,7 +343,9 @@ def main(argv=None):
     from transformers import AutoTokenizer
 
     train_rows = read_jsonl(args.data)
-    if args.eval_data:
+    if args.prior_only:  # the diagnostic alone: every example of --data, no held-out split
+        eval_rows = []
+    elif args.eval_data:
         eval_rows = read_jsonl(args.eval_data)[: args.eval_n]
     else:
         if len(train_rows) <= args.eval_n:
@@ -324,6 +364,11 @@ def main(argv=None):
     prov = {**sim.provenance(None), "command": " ".join(["python examples/finetune_hf.py",
                                                           *(sys.argv[1:] if argv is None else argv)])}
     wall0, cpu0 = time.time(), time.process_time()
+    prior = (report_prior(args, train_ds, Collator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None
+                                                   else tokenizer.eos_token_id), out_dir)
+             if args.report_prior or args.prior_only else None)
+    if args.prior_only:
+        return {"prior": prior}
     rows = []
     for seed in seeds:
         for w in weightings:
@@ -334,7 +379,7 @@ def main(argv=None):
                   flush=True)
     summary = sim.summarize(rows, weightings)
     print("\n" + sim.summary_table(summary))
-    result = {"args": vars(args), "provenance": prov,
+    result = {"args": vars(args), "provenance": prov, "prior": prior,
               "rows": rows, "summary": {n: {k: {"mean": m, "std": sd, "n": c} for k, (m, sd, c) in s.items()}
                                         for n, s in summary.items()},
               "wall_seconds": time.time() - wall0, "cpu_seconds": time.process_time() - cpu0,

@@ -57,11 +57,13 @@ def test_finetune_hf_runs_patched_trainer(setup, lora):
         pytest.importorskip("peft")
     hf, model, train, test, root = setup
     out = root / f"out_{lora}"
-    res = hf.main(["--model", model, "--data", train, "--eval-data", test, "--weighting", "sft,ranktuner",
+    names = ["sft", "ranktuner"] + ([] if lora else ["RankTuner(w0='one')"])  # a config call as an objective
+    res = hf.main(["--model", model, "--data", train, "--eval-data", test, "--weighting", ",".join(names),
                    "--steps", "2", "--batch-size", "4", "--lr", "1e-3", "--logging-steps", "1", "--eval-every", "2",
                    "--max-new-tokens", "6", "--eval-batch-size", "4", "--answer-regex", r"A: (\d+)", "--out", str(out),
-                   "--quiet", *(["--lora", "--lora-r", "4"] if lora else [])])
-    assert [r["weighting"] for r in res["rows"]] == ["sft", "ranktuner"]
+                   "--quiet", *(["--lora", "--lora-r", "4"] if lora else ["--report-prior"])])
+    assert [r["weighting"] for r in res["rows"]] == names
+    assert (res["prior"] is None) == lora and (lora or 0 < res["prior"]["mean_p"] < 1)
     for r in res["rows"]:
         logs = [h for h in r["log_history"] if "loss" in h and "nll" in h]
         assert len(logs) == 2  # the NLL next to every logged loss
@@ -69,11 +71,42 @@ def test_finetune_hf_runs_patched_trainer(setup, lora):
         assert 0 <= r["accuracy"] <= 1 and 0 <= r["noisy_sampled"] <= 1 and r["clean_nll"] > 0
         if r["weighting"] == "sft":  # the objective is the NLL
             assert logs[-1]["loss"] == pytest.approx(logs[-1]["nll"], rel=1e-3)
-        else:  # ranktuner's w0 = p_t on a random model: far below the NLL
+        elif r["weighting"] == "ranktuner":  # w0 = p_t on a random model: far below the NLL
             assert logs[-1]["loss"] < 0.5 * logs[-1]["nll"]
+        else:  # w0 = 1: the scale (p_t s(H))^-K exceeds 1 where p_t s(H) < 1, as on a random model
+            assert logs[-1]["loss"] > logs[-1]["nll"]
     with open(res["files"]["json"]) as f:
         saved = json.load(f)
     assert saved["provenance"]["command"].startswith("python examples/finetune_hf.py --model")
-    assert set(saved["summary"]) == {"sft", "ranktuner"}
+    assert set(saved["summary"]) == set(names)
     if "png" in res["files"]:
         assert os.path.getsize(res["files"]["png"]) > 5000
+
+
+def test_prior_only_reports_the_float64_mean_target_probability(setup, capsys):
+    """``--prior-only``: ``rk.analysis.prior_strength`` on the tokens the training loss scores
+    (response and ``<eos>``), equal to a float64 computation from the full logits; no training."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hf, model, train, test, root = setup
+    res = hf.main(["--model", model, "--data", train, "--eval-data", test, "--prior-only", "--eval-batch-size", "16",
+                   "--out", str(root / "prior"), "--quiet"])
+    assert set(res) == {"prior"}
+    text = capsys.readouterr().out
+    assert "mean target probability" in text and "region:" in text
+    tok = AutoTokenizer.from_pretrained(model)
+    m = AutoModelForCausalLM.from_pretrained(model).double().eval()
+    ps = []
+    for row in hf.read_jsonl(train):
+        enc = hf.encode(tok, row["prompt"], row["response"], 512)
+        with torch.no_grad():
+            lp = torch.log_softmax(m(input_ids=torch.tensor([enc["input_ids"]])).logits[0, :-1], -1)
+        lab = torch.tensor(enc["labels"][1:])
+        ps.append(lp[lab != -100].gather(-1, lab[lab != -100][:, None])[:, 0].exp())
+    p = torch.cat(ps)
+    assert res["prior"]["n_tokens"] == p.numel() and res["prior"]["n_sequences"] == 48
+    # float32 against float64 on a random model (p_t ~ 1/V): a float32 mean carries ~1e-7 relative error
+    assert res["prior"]["mean_p"] == pytest.approx(float(p.mean()), rel=1e-5)
+    if "png" in res["prior"]:
+        assert os.path.getsize(res["prior"]["png"]) > 10000
