@@ -24,7 +24,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import ranktuner_kernels as rk
-from helpers import make_batch, rel_err, upstream_like
+from error_model import assert_dicts_no_less_accurate, assert_no_less_accurate
+from helpers import float64_copy, make_batch, upstream_like
 
 V = 37
 SIZES = {2: [21, 16], 4: [13, 5, 11, 8]}  # uneven; 16 and 5 are below EAFT's k = 20
@@ -111,10 +112,28 @@ def shard_range(world):
     return off, off + sizes[r]
 
 
-def close_errors(name, got, single, exact, tol=2e-5):
-    """``got`` (sharded) errs against ``exact`` at most twice as much as ``single`` does (+ tol)."""
-    e_got, e_single = rel_err(got, exact), rel_err(single, exact)
-    assert e_got <= 2 * e_single + tol, f"{name}: error {e_got:.3g} vs single-process {e_single:.3g}"
+def close_errors(name, got, single, exact):
+    """``got`` (sharded) is no less accurate against ``exact`` (float64) than ``single`` (the
+    single-process call in the same dtype): ``tests/error_model.py``."""
+    assert_no_less_accurate(got, single, exact, what=name)
+
+
+def like_single_process(where, loss, grads, ref, truth):
+    """A data-parallel (or sharded) run's loss and gradients against the single-process run in
+    float32 (``ref``) and in float64 (``truth``), each a ``(loss, {name: grad})`` pair: ours is
+    no less accurate than the single process (``tests/error_model.py``)."""
+    assert_no_less_accurate(loss, ref[0], truth[0], what=f"{where} loss")
+    assert_dicts_no_less_accurate(grads, ref[1], truth[1], what=where)
+
+
+def full_grads(model, get=None):
+    """``{name: full gradient}`` of the trainable parameters (FSDP2's DTensor gathered, or
+    ``get(p)``: DeepSpeed's ``safe_get_full_grad``)."""
+    def full(p):
+        if get is not None:
+            return get(p)
+        return p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+    return {k: full(p) for k, p in model.named_parameters() if p.requires_grad}
 
 
 def compare_stats(got, single, exact):
@@ -123,11 +142,8 @@ def compare_stats(got, single, exact):
     assert torch.equal(got["rank"], single["rank"]), f"rank {got['rank'].tolist()} vs {single['rank'].tolist()}"
     assert torch.equal(got["accuracy"], single["accuracy"])
     assert torch.equal(got["is_top1"], single["is_top1"])  # the ties after the target, counted across shards
-    for key in ("lse", "logp_t", "entropy", "p_max", "logit_mean", "log_sum_p2"):
-        torch.testing.assert_close(got[key].double(), exact[key].double(), rtol=2e-5, atol=2e-5, equal_nan=True,
-                                   msg=lambda m: f"{key}: {m}")
-    torch.testing.assert_close(got["weight"].double(), exact["weight"].double(), rtol=1e-4, atol=1e-6,
-                               msg=lambda m: f"weight: {m}")
+    for key in ("lse", "logp_t", "entropy", "p_max", "logit_mean", "log_sum_p2", "weight"):
+        assert_no_less_accurate(got[key], single[key], exact[key], what=key)
 
 
 def options(extra):
@@ -266,10 +282,10 @@ def check_token_stats(world):
     logits, target = make_batch(2, 3, V, torch.float32, "cpu", seed=4)
     lo, hi = shard_range(world)
     got = rk.token_stats(logits[..., lo:hi], target, process_group=dist.group.WORLD)
-    want = rk.token_stats(logits, target)
+    want, truth = rk.token_stats(logits, target), rk.token_stats(logits.double(), target)
     assert torch.equal(got["rank"], want["rank"])
     for key in ("lse", "logp_t", "entropy", "p_max"):
-        torch.testing.assert_close(got[key], want[key], rtol=2e-5, atol=2e-5, equal_nan=True)
+        assert_no_less_accurate(got[key], want[key], truth[key], what=key)
 
 
 def check_different_targets_raise(world):
@@ -357,12 +373,18 @@ def dp_batches(world, seed=0):
     return xs, ys
 
 
-def reference_grads(weighting, mode, xs, ys, bias=False):
-    net = Net(bias=bias)
+def reference_grads(weighting, mode, xs, ys, bias=False, dtype=torch.float32):
+    """The single-process loss and gradients on all the ranks' batches, in ``dtype``."""
+    net = Net(bias=bias).to(dtype)
     net.mode, net.kw = mode if mode != "head" else "linear", dict(weighting=weighting)
-    loss = net(torch.cat(xs), torch.cat(ys))
+    loss = net(torch.cat(xs).to(dtype), torch.cat(ys))
     loss.backward()
     return loss.detach(), {k: p.grad for k, p in net.named_parameters()}
+
+
+def single_process(weighting, mode, xs, ys, bias=False):
+    """:func:`reference_grads` in float32 and in float64 (the error model's ``ref`` and ``truth``)."""
+    return [reference_grads(weighting, mode, xs, ys, bias, dtype) for dtype in (torch.float32, torch.float64)]
 
 
 def check_data_parallel(world, wrapper, weighting, mode, count="dp_group"):
@@ -373,7 +395,7 @@ def check_data_parallel(world, wrapper, weighting, mode, count="dp_group"):
 
     rank = dist.get_rank()
     xs, ys = dp_batches(world, seed=len(weighting))
-    loss_ref, grads_ref = reference_grads(weighting, mode, xs, ys)
+    ref, truth = single_process(weighting, mode, xs, ys)
     net = Net()
     net.mode, net.kw = mode, dict(weighting=weighting, dp_group=dist.group.WORLD)
     if count != "dp_group":
@@ -395,10 +417,7 @@ def check_data_parallel(world, wrapper, weighting, mode, count="dp_group"):
     loss.backward()
     mean_loss = loss.detach().clone()
     dist.all_reduce(mean_loss)
-    torch.testing.assert_close(mean_loss / world, loss_ref, rtol=1e-5, atol=1e-6)
-    for k, p in net.named_parameters():
-        grad = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
-        torch.testing.assert_close(grad, grads_ref[k], rtol=1e-4, atol=1e-6, msg=lambda m: f"{k}: {m}")
+    like_single_process(f"{wrapper} {weighting} {mode} {count}", mean_loss / world, full_grads(net), ref, truth)
 
 
 def check_fsdp_sharded_weight_raises(world):
@@ -425,17 +444,14 @@ def check_dtensor_head(world, mode="linear"):
     xs, ys = dp_batches(1, seed=7)
     x, y = xs[0].repeat(2, 1, 1), ys[0].repeat(2, 1)  # the same tokens on every rank
     y[1, 3] = 5
-    loss_ref, grads_ref = reference_grads("ranktuner", mode, [x], [y], bias=True)
+    ref, truth = single_process("ranktuner", mode, [x], [y], bias=True)
     net = Net(bias=True)
     mesh = init_device_mesh("cpu", (world,))
     parallelize_module(net, mesh, {"head": ColwiseParallel(use_local_output=mode == "linear")})
     net.mode, net.kw = mode, dict(weighting="ranktuner")
     loss = net(x, y)
     loss.backward()
-    torch.testing.assert_close(loss.detach(), loss_ref, rtol=1e-5, atol=1e-6)
-    for k, p in net.named_parameters():
-        grad = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
-        torch.testing.assert_close(grad, grads_ref[k], rtol=1e-4, atol=1e-6, msg=lambda m: f"{k}: {m}")
+    like_single_process(f"dtensor {mode}", loss.detach(), full_grads(net), ref, truth)
 
 
 def parallel_cases(world):
@@ -507,7 +523,8 @@ def check_patched_fsdp2(world, layout, weighting="sft"):
     rank = dist.get_rank()
     batches = _hf_batches(world)
     tied = "tied" in layout
-    losses, grads = _unpatched(_hf_model(tied), batches, weighting)
+    ref = _unpatched(_hf_model(tied), batches, weighting)
+    truth = _unpatched(float64_copy(_hf_model(tied)), batches, weighting)
     model = _hf_model(tied)
     for layer in model.model.layers:
         fully_shard(layer)
@@ -520,10 +537,8 @@ def check_patched_fsdp2(world, layout, weighting="sft"):
     out.loss.backward()
     mean = out.loss.detach().clone()
     dist.all_reduce(mean)
-    torch.testing.assert_close(mean / world, torch.stack(losses).mean(), rtol=1e-5, atol=1e-6)
-    for k, p in model.named_parameters():
-        grad = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
-        torch.testing.assert_close(grad, grads[k], rtol=1e-4, atol=1e-6, msg=lambda m: f"{layout} {k}: {m}")
+    like_single_process(f"fsdp2 {layout} {weighting}", mean / world, full_grads(model),
+                        *[(torch.stack(losses).mean(), grads) for losses, grads in (ref, truth)])
 
 
 def hf_suite(world):
@@ -580,6 +595,7 @@ def check_patched_zero3(world, layout, weighting="sft"):
     batches = _hf_batches(world)
     tied = layout == "tied"
     ref = _lora(_hf_model(tied)) if layout == "lora" else _hf_model(tied)
+    truth = _unpatched(float64_copy(ref), batches, weighting)
     losses, grads = _unpatched(ref, batches, weighting)
     if layout == "from_pretrained":
         path = os.path.join(tempfile.gettempdir(), f"rk-zero3-{os.getppid()}")  # the ranks share a parent
@@ -597,13 +613,9 @@ def check_patched_zero3(world, layout, weighting="sft"):
     assert all(p.numel() == 0 for p in model.get_output_embeddings().parameters())  # partitioned outside the forward
     ids, labels = batches[rank]
     out = engine(input_ids=ids, labels=labels)
-    torch.testing.assert_close(out.loss.detach(), losses[rank], rtol=1e-5, atol=1e-6)
     engine.backward(out.loss)
-    assert sorted(k for k, p in model.named_parameters() if p.requires_grad) == sorted(grads)
-    for k, p in model.named_parameters():
-        if p.requires_grad:
-            torch.testing.assert_close(safe_get_full_grad(p), grads[k], rtol=1e-4, atol=1e-6,
-                                       msg=lambda m: f"zero3 {layout} {weighting} {k}: {m}")
+    like_single_process(f"zero3 {layout} {weighting}", out.loss.detach(), full_grads(model, safe_get_full_grad),
+                        (losses[rank], grads), (truth[0][rank], truth[1]))
 
 
 def _lora(model):
@@ -680,10 +692,10 @@ def _fused_step(model, ids, labels, backward=None):
     return {k: getattr(out, k).detach() for k in (*HEAD_OUTPUTS, "loss", "label_mask")}
 
 
-def _single_process_head(batches):
+def _single_process_head(batches, float64=False):
     """Each batch's fields on the whole model, and every gradient averaged over the batches (as
-    data parallelism averages it over the ranks)."""
-    ref = _fused_head(_hf_model())
+    data parallelism averages it over the ranks); ``float64``: on a float64 copy (the truth)."""
+    ref = _fused_head(float64_copy(_hf_model()) if float64 else _hf_model())
     fields, grads = [], {}
     for ids, labels in batches:
         ref.zero_grad(set_to_none=True)
@@ -693,12 +705,14 @@ def _single_process_head(batches):
     return fields, grads
 
 
-def _same_fields(got, want, where):
+def _same_fields(got, want, truth, where):
+    """Each field no less accurate than the single-process call's against float64 (the masks and
+    ``is_top1`` equal)."""
     for k, v in want.items():
         if v.dtype == torch.bool:
             assert torch.equal(got[k], v), f"{where} {k}"
         else:
-            torch.testing.assert_close(got[k], v, rtol=1e-5, atol=1e-6, msg=lambda m: f"{where} {k}: {m}")
+            assert_no_less_accurate(got[k], v, truth[k], what=f"{where} {k}")
 
 
 def check_fused_head_fsdp2(world):
@@ -710,17 +724,16 @@ def check_fused_head_fsdp2(world):
     rank = dist.get_rank()
     batches = _hf_batches(world)
     want, grads = _single_process_head(batches)
+    truth, grads64 = _single_process_head(batches, float64=True)
     model = _hf_model()
     for layer in model.model.layers:
         fully_shard(layer)
     fully_shard(model.lm_head)
     fully_shard(model)
     _fused_head(model)
-    _same_fields(_fused_step(model, *batches[rank]), want[rank], "fsdp2")
+    _same_fields(_fused_step(model, *batches[rank]), want[rank], truth[rank], "fsdp2")
     assert "_ranktuner_fused_head_call" in model.lm_head.__dict__  # ran as the head's FSDP forward method
-    for k, p in model.named_parameters():
-        grad = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
-        torch.testing.assert_close(grad, grads[k], rtol=1e-4, atol=1e-6, msg=lambda m: f"fsdp2 head {k}: {m}")
+    assert_dicts_no_less_accurate(full_grads(model), grads, grads64, what="fsdp2 head")
 
 
 def check_fused_head_zero3(world):
@@ -732,13 +745,12 @@ def check_fused_head_zero3(world):
     rank = dist.get_rank()
     batches = _hf_batches(world)
     want, grads = _single_process_head(batches)
+    truth, grads64 = _single_process_head(batches, float64=True)
     model = _fused_head(_hf_model())
     engine, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()), config=ZERO3)
     assert all(p.numel() == 0 for p in model.get_output_embeddings().parameters())  # partitioned outside the forward
-    _same_fields(_fused_step(engine, *batches[rank], backward=engine.backward), want[rank], "zero3")
-    for k, p in model.named_parameters():
-        torch.testing.assert_close(safe_get_full_grad(p), grads[k], rtol=1e-4, atol=1e-6,
-                                   msg=lambda m: f"zero3 head {k}: {m}")
+    _same_fields(_fused_step(engine, *batches[rank], backward=engine.backward), want[rank], truth[rank], "zero3")
+    assert_dicts_no_less_accurate(full_grads(model, safe_get_full_grad), grads, grads64, what="zero3 head")
 
 
 def trl_head_suite(world):

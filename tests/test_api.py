@@ -229,7 +229,10 @@ def test_module_wrappers():
     assert_no_less_accurate(loss, want, truth, what="the head's loss")
 
 
-def test_compiled_training_step():
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.long)])
+def test_compiled_training_step(backend):
+    """A whole training step (embedding, head, loss, backward) under torch.compile equals eager;
+    aot_eager traces the same graphs as inductor (its lowering of our ops: tests/test_compile.py)."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Embedding(50, 16), torch.nn.Linear(16, 50)).to(DEVICE)
     tokens = torch.randint(0, 50, (2, 9), device=DEVICE)
@@ -243,7 +246,7 @@ def test_compiled_training_step():
     eager = step(model)
     grads = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    compiled = torch.compile(step)(model)
+    compiled = torch.compile(step, backend=backend)(model)
     torch.testing.assert_close(compiled, eager)
     for p, g in zip(model.parameters(), grads):
         torch.testing.assert_close(p.grad, g)

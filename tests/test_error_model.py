@@ -39,6 +39,18 @@ def test_an_exact_reference_holds_ours_to_the_floor():
         assert_no_less_accurate(torch.tensor(3.0) * (1 + 1e3 * EPS32), torch.tensor(3.0), truth)
 
 
+def test_nan_at_ignored_positions_keeps_the_floor():
+    """Statistics hold NaN where a token is ignored: the floor is the norm of the other entries
+    (a NaN norm would make the allowance max(0, nan) = 0 and fail every exact reference)."""
+    truth = torch.tensor([3.0, float("nan"), -4.0], dtype=torch.float64)
+    ref = truth.float()
+    assert_no_less_accurate(ref * (1 + EPS32), ref, truth)
+    with pytest.raises(AssertionError, match="against float64"):
+        assert_no_less_accurate(ref * (1 + 1e3 * EPS32), ref, truth)
+    with pytest.raises(AssertionError, match="against float64"):  # NaN moved: an error, not a skip
+        assert_no_less_accurate(ref.nan_to_num(0.0), ref, truth)
+
+
 def test_dicts_need_the_same_keys_and_check_each():
     t = {"a": torch.ones(3, dtype=torch.float64), "b": torch.ones(2, dtype=torch.float64)}
     ok = {k: v.float() for k, v in t.items()}
