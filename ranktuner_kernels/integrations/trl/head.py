@@ -32,7 +32,7 @@ from ..transformers.checks import _check_options, _check_weighting, _keeps_all, 
 from ..transformers.fused import _router_aux, _run_decoder
 from ..transformers.patch import _bind, _CopiedNotPickled
 from ..transformers.reader import _plan, _reduce_transforms
-from .statistics import FIELDS, head_statistics
+from .statistics import CORE_NAMES, FIELDS, head_statistics
 
 __all__ = ["add_fused_lm_head", "fused_output_class"]
 
@@ -75,7 +75,7 @@ def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
     * ``log_probs``: ``log p_y`` (differentiable; always computed);
     * ``entropy``: ``-Σ_v p_v log p_v`` (differentiable);
     * ``log_sum_sq_probs``: ``log Σ_v p_v²``; ``mean_logits``: the mean of ``z'`` over the
-      vocabulary; ``is_top1``: the label is the argmax of ``z'`` (the first index wins a tie);
+      vocabulary; ``is_top1``: the label is the argmax of the logits (the first index wins a tie);
       these three without gradient;
     * every per-token field is 0 (``False``) where the label is -100; the fields not named in
       ``outputs`` are None; ``label_mask``: ``labels != -100``;
@@ -328,18 +328,13 @@ def _score(head, hidden, target, shift, state, softcap, temperature):
     with torch.autocast(device.type, enabled=False):  # the dtype is explicit
         hidden, weight = hidden.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
-        kept_h, kept_y = hidden[mask], target[mask]
         if state.weighting is None:
-            fields = head_statistics(kept_h, weight, bias, kept_y, softcap=softcap, temperature=temperature,
-                                     wanted=state.outputs)
+            fields = head_statistics(hidden[mask], weight, bias, target[mask], softcap=softcap,
+                                     temperature=temperature, wanted=state.outputs)
             return fields, None, mask
         options = {k: v for k, v in state.loss_options.items() if k != "softcap"}
+        names = tuple(CORE_NAMES[k] for k in state.outputs)  # only the statistics the fields read: one pass
         objective, stats = rk.linear_cross_entropy(
             hidden, weight, target, linear_bias=bias, weighting=state.weighting, reduction="sum",
-            ignore_index=IGNORE_INDEX, softcap=softcap, temperature=temperature, return_stats=True, **options)
-        fields = {"log_probs": stats["logp_t"][mask].detach(), "entropy": stats["entropy"][mask].detach()}
-        extra = [k for k in state.outputs if k not in fields]
-        if extra:
-            fields.update(head_statistics(kept_h, weight, bias, kept_y, softcap=softcap, temperature=temperature,
-                                          wanted=extra))
-        return {k: v for k, v in fields.items() if k in state.outputs}, objective, mask
+            ignore_index=IGNORE_INDEX, softcap=softcap, temperature=temperature, return_stats=names, **options)
+        return {k: stats[CORE_NAMES[k]][mask] for k in state.outputs}, objective, mask
