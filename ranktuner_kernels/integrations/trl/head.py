@@ -17,10 +17,12 @@ precision on near-certain tokens where a float32 ``z_y - logsumexp(z)`` rounds t
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import numbers
 import types
+from typing import NamedTuple
 
 import torch
 
@@ -34,7 +36,7 @@ from ..transformers.patch import _bind, _CopiedNotPickled
 from ..transformers.reader import _plan, _reduce_transforms
 from .statistics import CORE_NAMES, FIELDS, head_statistics
 
-__all__ = ["add_fused_lm_head", "fused_output_class"]
+__all__ = ["add_fused_lm_head", "fused_output_class", "head_inputs_captured", "HeadInputs"]
 
 _HEAD_ATTR = "_ranktuner_fused_head"
 _MARK = "_ranktuner_fused_forward"
@@ -59,6 +61,38 @@ class _HeadState(_CopiedNotPickled):
         self.outputs = ("log_probs",)
         self.weighting = None  # an objective for `loss` (the drop-in SFTTrainer's); None: TRL's NLL
         self.loss_options = {}
+        self.capture = None  # a list while head_inputs_captured runs: each fused call appends its HeadInputs
+
+
+class HeadInputs(NamedTuple):
+    """What one fused call of the head projected (detached): ``hidden`` ``[B, T', D]`` at the
+    scored positions (``T' = T - 1`` with ``labels``: position ``t`` predicts ``labels[:, t + 1]``;
+    ``T`` with ``shift_labels``), the head's ``weight`` ``[V, D]`` and ``bias`` ``[V]`` (or None)
+    as used (a LoRA head's effective ones, in the projection dtype), and the logit transform
+    ``z' = softcap·tanh(z / softcap) / temperature`` (the model's scales folded in)."""
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    softcap: float | None
+    temperature: float
+
+
+@contextlib.contextmanager
+def head_inputs_captured(model):
+    """While the block runs, every ``fused_lm_head=True`` call of ``model`` (its head installed
+    by :func:`add_fused_lm_head`) appends its :class:`HeadInputs` to the yielded list: the
+    hidden states the head saw and the head itself, handed out by the forward that computed them
+    (what THR needs, without the logits and without a second forward). Holds references (the
+    hidden states' memory stays alive until the list is dropped)."""
+    state = head_state(model)
+    if state.capture is not None:
+        raise RuntimeError("model: head_inputs_captured is already running on this model")
+    state.capture = captured = []
+    try:
+        yield captured
+    finally:
+        state.capture = None
 
 
 def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: bool = False,
@@ -328,6 +362,9 @@ def _score(head, hidden, target, shift, state, softcap, temperature):
     with torch.autocast(device.type, enabled=False):  # the dtype is explicit
         hidden, weight = hidden.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
+        if state.capture is not None:
+            state.capture.append(HeadInputs(hidden.detach(), weight.detach(), None if bias is None else bias.detach(),
+                                            softcap, temperature))
         if state.weighting is None:
             fields = head_statistics(hidden[mask], weight, bias, target[mask], softcap=softcap,
                                      temperature=temperature, wanted=state.outputs)
