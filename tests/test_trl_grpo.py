@@ -242,3 +242,28 @@ def test_example_quick_run(tmp_path):
         assert 0.0 <= r["greedy_accuracy"] <= 1.0 and r["seconds"] > 0
     assert "| plain |" in result["table"] and "| both |" in result["table"]
     assert (tmp_path / "grpo_trl.json").stat().st_size > 0
+
+
+def test_committed_results_are_the_default_run_and_the_docs_show_them():
+    """``examples/results/grpo_trl/``: the json is the example's default experiment (its config,
+    every variant x seed with the full history), its summary is ``summarize`` of its runs, and
+    docs/rl.md and the README show the example's ``table`` of it (a rerun with ``--update``
+    that changes the numbers fails here until the docs follow)."""
+    import json
+    import pathlib
+
+    example = load_example("grpo_trl")
+    root = pathlib.Path(example.HERE).parent
+    result = json.loads((pathlib.Path(example.RESULTS) / "grpo_trl.json").read_text("utf-8"))
+    assert (pathlib.Path(example.RESULTS) / "grpo_trl.png").stat().st_size > 0
+    cfg = example.Config(**{**result["config"], "variants": tuple(result["config"]["variants"])})
+    assert cfg == example.Config()
+    assert result["command"] == "python examples/grpo_trl.py --update"
+    assert [(r["variant"], r["seed"]) for r in result["runs"]] == [(v, s) for s in range(cfg.seeds)
+                                                                   for v in cfg.variants]
+    assert all(len(r["history"]["reward"]) == cfg.steps for r in result["runs"])
+    rows = example.summarize(result["runs"], cfg)
+    assert json.loads(json.dumps(rows)) == result["summary"]
+    table = example.table(rows)
+    for doc in ("docs/rl.md", "README.md"):
+        assert table in (root / doc).read_text("utf-8"), f"{doc} does not show the committed results' table"
