@@ -508,6 +508,30 @@ def test_compute_loss_func():
         fn(transformers.modeling_outputs.CausalLMOutputWithPast(loss=outputs.logits.sum()), labels)
 
 
+
+def test_the_loss_pass_computes_no_optional_statistic(monkeypatch):
+    """The patched forward (fused and eval_logits paths) and make_compute_loss_func ask the core
+    only for the statistics they read (log p_t, entropy, accuracy): the optional accumulators of
+    the statistics pass (log_sum_p2, logit_mean, is_top1) stay off in a training step."""
+    from ranktuner_kernels import _call
+
+    calls = []
+    prepare = _call.prepare
+
+    def spy(*args, **kwargs):
+        call = prepare(*args, **kwargs)
+        calls.append(call.params.extra_stats)
+        return call
+
+    monkeypatch.setattr(_call, "prepare", spy)
+    ids, labels = make_batch()
+    model = rkt.patch_model(make_model(), weighting="ranktuner", eval_logits=True)
+    model.train()(ids, labels=labels)
+    model.eval()(ids, labels=labels)  # eval_logits: the logits, then rk.cross_entropy
+    rkt.make_compute_loss_func("dft")(model(ids), labels)
+    assert calls == [frozenset()] * 3
+
+
 # ----------------------------------------------------------------------------- Trainer
 
 

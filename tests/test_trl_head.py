@@ -394,3 +394,31 @@ def test_without_trl_the_output_is_a_model_output_with_trls_fields():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "['loss', 'log_probs', 'entropy', 'label_mask']" in done.stdout and "trl.head" in done.stdout
+
+
+@pytest.mark.parametrize("weighting", [None, "sft"])
+def test_the_pass_computes_only_the_statistics_of_the_asked_fields(monkeypatch, weighting):
+    """One streaming pass per call, whose optional accumulators (``log_sum_p2``, ``logit_mean``,
+    ``is_top1``) are on exactly for the asked fields: GRPO's ``("log_probs", "entropy")`` pays
+    for none of them; with an objective (the SFT head) too."""
+    from ranktuner_kernels import _call
+    from ranktuner_kernels.integrations.trl.head import install_head
+
+    calls = []
+    prepare = _call.prepare
+
+    def spy(*args, **kwargs):
+        call = prepare(*args, **kwargs)
+        calls.append(call.params.asked_stats)
+        return call
+
+    monkeypatch.setattr(_call, "prepare", spy)
+    model = make_model()
+    ids, mask, labels = make_batch(model)
+    core = {"log_sum_sq_probs": "log_sum_p2", "mean_logits": "logit_mean", "is_top1": "is_top1"}
+    for outputs in (("log_probs",), ("log_probs", "entropy"), ("log_probs", "is_top1"), FIELDS):
+        install_head(model, outputs=outputs, weighting=weighting)
+        calls.clear()
+        fields, _, _ = fused(model, ids, mask, labels)
+        assert calls == [frozenset(core[k] for k in outputs if k in core)], (outputs, calls)
+        assert all((fields[k] is None) == (k not in outputs) for k in FIELDS)

@@ -13,7 +13,7 @@ import ranktuner_kernels.distributed  # noqa: F401 - rk.distributed.head_cross_e
 
 from .. import _heads
 from .checks import _check_ignore_index, _slice_to_keep, _targets
-from .meter import _nll_terms, _token_metrics
+from .meter import TOKEN_STATS, _nll_terms, _token_metrics
 from .reader import _decoder, _reduce_transforms
 
 def _loss_args(state, arguments) -> tuple:
@@ -97,7 +97,7 @@ def _fused_loss(self, state, arguments, labels, shift_labels):
                                               state.options.get("temperature", 1.0))
     options = {**state.options, "softcap": softcap, "temperature": temperature,
                "weighting": state.weighting, "ignore_index": ignore_index, "reduction": "mean",
-               "num_items_in_batch": num_items_in_batch, "return_stats": True}
+               "num_items_in_batch": num_items_in_batch, "return_stats": TOKEN_STATS}
     head = self.get_output_embeddings()
     if rk.distributed.is_fsdp_module(head):
         # the head is its own FSDP2 unit: outside its forward its weight is a sharded DTensor; the

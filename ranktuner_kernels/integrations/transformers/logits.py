@@ -13,7 +13,7 @@ import ranktuner_kernels as rk
 from .checks import (_RESERVED_LOGITS, _align_targets, _check_ignore_index, _check_options, _check_weighting,
                      _shift, _targets, _weighting_name)
 from .fused import _finish, _loss_args
-from .meter import NLLMeter, _nll_terms, _token_metrics
+from .meter import TOKEN_STATS, NLLMeter, _nll_terms, _token_metrics
 
 def _logits_loss(self, state, arguments, labels, shift_labels):
     """``eval_logits=True`` in eval mode: the original forward's logits, then rk.cross_entropy."""
@@ -28,8 +28,8 @@ def _logits_loss(self, state, arguments, labels, shift_labels):
     params = inspect.signature(rk.cross_entropy).parameters
     options = {k: v for k, v in state.options.items() if k in params}
     loss, stats = rk.cross_entropy(logits, target, weighting=state.weighting, ignore_index=ignore_index,
-                                   reduction="mean", num_items_in_batch=num_items_in_batch, return_stats=True,
-                                   **options)
+                                   reduction="mean", num_items_in_batch=num_items_in_batch,
+                                   return_stats=TOKEN_STATS, **options)
     total, count = _nll_terms(stats["logp_t"], target, ignore_index)
     state.token_metrics = _token_metrics(stats, target, ignore_index)
     aux_loss = getattr(out, "aux_loss", None)
@@ -77,7 +77,7 @@ def make_compute_loss_func(weighting="sft", *, ignore_index: int = -100, **optio
                                 logits.shape[:-1], 0)
         loss, stats = rk.cross_entropy(logits, target, weighting=weighting, ignore_index=ignore_index,
                                        reduction="mean", num_items_in_batch=num_items_in_batch,
-                                       return_stats=True, **options)
+                                       return_stats=("logp_t",), **options)
         total, count = _nll_terms(stats["logp_t"], target, ignore_index)
         meter.record("train" if torch.is_grad_enabled() else "eval", total, count)
         return loss

@@ -5,6 +5,11 @@ from __future__ import annotations
 
 import torch
 
+#: the ``return_stats`` names a call with labels reads (:func:`_nll_terms`, :func:`_token_metrics`):
+#: asking for these only keeps the optional accumulators of the statistics pass off
+TOKEN_STATS = ("logp_t", "entropy", "accuracy")
+
+
 def _nll_terms(logp_t: torch.Tensor, target: torch.Tensor, ignore_index: int):
     """``(sum of -logp_t over kept tokens, kept count)``, float32, detached. Ignored positions
     are masked here, whatever the statistics hold there (zero or NaN)."""

@@ -6,8 +6,11 @@
 * :func:`add_fused_lm_head` (:mod:`.head`): TRL 1.16's ``trl.trainer.utils.add_fused_lm_head``,
   with the per-token statistics from :func:`rk.linear_logprobs` (:mod:`.statistics`); a call
   ``model(..., labels=labels, fused_lm_head=True)`` returns TRL's ``FusedCausalLMOutput``.
-* :class:`GRPOTrainer`, :class:`RLOOTrainer`, :class:`DPOTrainer`, :class:`KTOTrainer`
-  (:mod:`.trainers`): TRL's trainers with that head wherever TRL installs its own.
+* :class:`RLOOTrainer`, :class:`DPOTrainer`, :class:`KTOTrainer` (:mod:`.trainers`): TRL's
+  trainers with that head wherever TRL installs its own.
+* :class:`GRPOTrainer` (:mod:`.grpo`): the same for TRL's ``GRPOTrainer``, with two options:
+  ``east=EASTOptions(...)`` (EAST prompt weights) and ``thr=THROptions(...)`` (THR-guided token
+  advantages from the hidden states the head hands out).
 * :class:`SFTTrainer` (:mod:`.sft`): TRL's ``SFTTrainer`` on the same head, training on a
   token-reweighted loss (``weighting=``), with TRL's metrics.
 
@@ -15,10 +18,11 @@ TRL is an optional dependency (the ``trl`` extra): importing this package import
 nor transformers; the trainer classes import TRL when first asked for.
 """
 
+from .grpo import EASTOptions, THROptions
 from .head import add_fused_lm_head, fused_output_class
 
-__all__ = ["add_fused_lm_head", "FusedCausalLMOutput", "SFTTrainer", "GRPOTrainer", "RLOOTrainer", "DPOTrainer",
-           "KTOTrainer"]
+__all__ = ["add_fused_lm_head", "FusedCausalLMOutput", "SFTTrainer", "GRPOTrainer", "EASTOptions", "THROptions",
+           "RLOOTrainer", "DPOTrainer", "KTOTrainer"]
 
 
 def __getattr__(name):  # PEP 562: TRL (or transformers) is imported when a class is first asked for
@@ -28,7 +32,11 @@ def __getattr__(name):  # PEP 562: TRL (or transformers) is imported when a clas
         from .sft import _sft_trainer_class
 
         return _sft_trainer_class()
-    if name in ("GRPOTrainer", "RLOOTrainer", "DPOTrainer", "KTOTrainer"):
+    if name == "GRPOTrainer":
+        from .grpo import grpo_trainer_class
+
+        return grpo_trainer_class()
+    if name in ("RLOOTrainer", "DPOTrainer", "KTOTrainer"):
         from .trainers import BUILDERS
 
         return BUILDERS[name]()

@@ -17,10 +17,12 @@ precision on near-certain tokens where a float32 ``z_y - logsumexp(z)`` rounds t
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import numbers
 import types
+from typing import NamedTuple
 
 import torch
 
@@ -32,9 +34,9 @@ from ..transformers.checks import _check_options, _check_weighting, _keeps_all, 
 from ..transformers.fused import _router_aux, _run_decoder
 from ..transformers.patch import _bind, _CopiedNotPickled
 from ..transformers.reader import _plan, _reduce_transforms
-from .statistics import FIELDS, head_statistics
+from .statistics import CORE_NAMES, FIELDS, head_statistics
 
-__all__ = ["add_fused_lm_head", "fused_output_class"]
+__all__ = ["add_fused_lm_head", "fused_output_class", "head_inputs_captured", "HeadInputs"]
 
 _HEAD_ATTR = "_ranktuner_fused_head"
 _MARK = "_ranktuner_fused_forward"
@@ -59,6 +61,38 @@ class _HeadState(_CopiedNotPickled):
         self.outputs = ("log_probs",)
         self.weighting = None  # an objective for `loss` (the drop-in SFTTrainer's); None: TRL's NLL
         self.loss_options = {}
+        self.capture = None  # a list while head_inputs_captured runs: each fused call appends its HeadInputs
+
+
+class HeadInputs(NamedTuple):
+    """What one fused call of the head projected (detached): ``hidden`` ``[B, T', D]`` at the
+    scored positions (``T' = T - 1`` with ``labels``: position ``t`` predicts ``labels[:, t + 1]``;
+    ``T`` with ``shift_labels``), the head's ``weight`` ``[V, D]`` and ``bias`` ``[V]`` (or None)
+    as used (a LoRA head's effective ones, in the projection dtype), and the logit transform
+    ``z' = softcap·tanh(z / softcap) / temperature`` (the model's scales folded in)."""
+
+    hidden: torch.Tensor
+    weight: torch.Tensor
+    bias: torch.Tensor | None
+    softcap: float | None
+    temperature: float
+
+
+@contextlib.contextmanager
+def head_inputs_captured(model):
+    """While the block runs, every ``fused_lm_head=True`` call of ``model`` (its head installed
+    by :func:`add_fused_lm_head`) appends its :class:`HeadInputs` to the yielded list: the
+    hidden states the head saw and the head itself, handed out by the forward that computed them
+    (what THR needs, without the logits and without a second forward). Holds references (the
+    hidden states' memory stays alive until the list is dropped)."""
+    state = head_state(model)
+    if state.capture is not None:
+        raise RuntimeError("model: head_inputs_captured is already running on this model")
+    state.capture = captured = []
+    try:
+        yield captured
+    finally:
+        state.capture = None
 
 
 def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: bool = False,
@@ -75,7 +109,7 @@ def add_fused_lm_head(model, temperature: float = 1.0, cast_lm_head_to_fp32: boo
     * ``log_probs``: ``log p_y`` (differentiable; always computed);
     * ``entropy``: ``-Σ_v p_v log p_v`` (differentiable);
     * ``log_sum_sq_probs``: ``log Σ_v p_v²``; ``mean_logits``: the mean of ``z'`` over the
-      vocabulary; ``is_top1``: the label is the argmax of ``z'`` (the first index wins a tie);
+      vocabulary; ``is_top1``: the label is the argmax of the logits (the first index wins a tie);
       these three without gradient;
     * every per-token field is 0 (``False``) where the label is -100; the fields not named in
       ``outputs`` are None; ``label_mask``: ``labels != -100``;
@@ -328,18 +362,16 @@ def _score(head, hidden, target, shift, state, softcap, temperature):
     with torch.autocast(device.type, enabled=False):  # the dtype is explicit
         hidden, weight = hidden.to(dtype), weight.to(dtype)
         bias = None if bias is None else bias.to(dtype)
-        kept_h, kept_y = hidden[mask], target[mask]
+        if state.capture is not None:
+            state.capture.append(HeadInputs(hidden.detach(), weight.detach(), None if bias is None else bias.detach(),
+                                            softcap, temperature))
         if state.weighting is None:
-            fields = head_statistics(kept_h, weight, bias, kept_y, softcap=softcap, temperature=temperature,
-                                     wanted=state.outputs)
+            fields = head_statistics(hidden[mask], weight, bias, target[mask], softcap=softcap,
+                                     temperature=temperature, wanted=state.outputs)
             return fields, None, mask
         options = {k: v for k, v in state.loss_options.items() if k != "softcap"}
+        names = tuple(CORE_NAMES[k] for k in state.outputs)  # only the statistics the fields read: one pass
         objective, stats = rk.linear_cross_entropy(
             hidden, weight, target, linear_bias=bias, weighting=state.weighting, reduction="sum",
-            ignore_index=IGNORE_INDEX, softcap=softcap, temperature=temperature, return_stats=True, **options)
-        fields = {"log_probs": stats["logp_t"][mask].detach(), "entropy": stats["entropy"][mask].detach()}
-        extra = [k for k in state.outputs if k not in fields]
-        if extra:
-            fields.update(head_statistics(kept_h, weight, bias, kept_y, softcap=softcap, temperature=temperature,
-                                          wanted=extra))
-        return {k: v for k, v in fields.items() if k in state.outputs}, objective, mask
+            ignore_index=IGNORE_INDEX, softcap=softcap, temperature=temperature, return_stats=names, **options)
+        return {k: stats[CORE_NAMES[k]][mask] for k in state.outputs}, objective, mask

@@ -1,7 +1,8 @@
-"""One-import drop-ins for TRL's ``GRPOTrainer``, ``RLOOTrainer``, ``DPOTrainer`` and ``KTOTrainer``:
-TRL's class with this library's fused LM head wherever TRL installs its own.
+"""One-import drop-ins for TRL's ``RLOOTrainer``, ``DPOTrainer`` and ``KTOTrainer``: TRL's class
+with this library's fused LM head wherever TRL installs its own (``GRPOTrainer``, the same with
+the ``east=`` / ``thr=`` options, is in :mod:`.grpo`; ``SFTTrainer`` in :mod:`.sft`).
 
-    from ranktuner_kernels.integrations.trl import GRPOTrainer     # instead of: from trl import GRPOTrainer
+    from ranktuner_kernels.integrations.trl import RLOOTrainer     # instead of: from trl import RLOOTrainer
 
 TRL 1.16's trainers install their head in ``__init__`` by calling the name ``add_fused_lm_head``
 that their module imported from ``trl.trainer.utils`` (on the policy, or its PEFT base model, and
@@ -20,10 +21,11 @@ import sys
 from .. import class_built_on_first_use
 from .head import add_fused_lm_head
 
-__all__ = ["GRPOTrainer", "RLOOTrainer", "DPOTrainer", "KTOTrainer", "heads_substituted"]
+__all__ = ["RLOOTrainer", "DPOTrainer", "KTOTrainer", "heads_substituted"]
 
-#: the drop-in trainers of this module (SFTTrainer, with its weighting=, is in .sft)
-TRAINERS = ("GRPOTrainer", "RLOOTrainer", "DPOTrainer", "KTOTrainer")
+#: the drop-in trainers of this module (GRPOTrainer, with east= and thr=, is in .grpo; SFTTrainer,
+#: with its weighting=, in .sft)
+TRAINERS = ("RLOOTrainer", "DPOTrainer", "KTOTrainer")
 
 
 def import_trl(what: str):
@@ -87,8 +89,7 @@ def _builder(name: str):
     return class_built_on_first_use(build)
 
 
-# one builder per class; options of our own (e.g. GRPO's EAST or THR, next) get a class statement
-# of their own, subclassing what _drop_in builds
+# one builder per class; a trainer with options of our own has a class statement of its own (.grpo, .sft)
 BUILDERS = {name: _builder(name) for name in TRAINERS}
 
 
