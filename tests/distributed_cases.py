@@ -695,7 +695,7 @@ def _fused_step(model, ids, labels, backward=None):
 def _single_process_head(batches, float64=False):
     """Each batch's fields on the whole model, and every gradient averaged over the batches (as
     data parallelism averages it over the ranks); ``float64``: on a float64 copy (the truth)."""
-    ref = _fused_head(float64_copy(_hf_model()) if float64 else _hf_model())
+    ref = _fused_head(_hf_model().double() if float64 else _hf_model())  # our head computes its own loss
     fields, grads = [], {}
     for ids, labels in batches:
         ref.zero_grad(set_to_none=True)
