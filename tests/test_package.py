@@ -87,7 +87,8 @@ def test_the_readme_set_up_reads_top_to_bottom():
 
     text = (pathlib.Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
     cpu = text.index("pip install torch --index-url https://download.pytorch.org/whl/cpu")
-    assert cpu < text.index("<!-- demo-command -->") < text.index("<!-- test-command -->")
+    assert cpu < text.index("<!-- demo-command -->") < text.index("<!-- test-command -->") < text.index(
+        "<!-- long-test-command -->")
     assert "The suite takes minutes" in text
 
 
