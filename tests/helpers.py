@@ -103,4 +103,8 @@ def float64_copy(model):
     for module in twin.modules():  # the transformers models inside (a PEFT model wraps one)
         if isinstance(getattr(type(module), "loss_function", None), property):
             module.loss_function = causal_lm_loss_float64
+        config = getattr(module, "config", None)
+        if getattr(config, "_experts_implementation", "eager") != "eager":
+            # MoE experts by torch's grouped_mm take no float64: the eager loop computes the same
+            config._experts_implementation = "eager"
     return twin
