@@ -52,6 +52,8 @@ import time
 
 import torch
 
+from ranktuner_kernels.analysis.prior import read_rows
+
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import see_it_matter as sim  # noqa: E402
 
@@ -65,21 +67,7 @@ def read_jsonl(path: str) -> list:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no data file {path!r} (JSONL with 'prompt' and 'response'; "
                                 "`--make-demo-data DIR` writes one)")
-    rows = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}:{n}: not JSON ({e})") from None
-            if not isinstance(row, dict) or not isinstance(row.get("prompt"), str) or not isinstance(row.get("response"), str):
-                raise ValueError(f"{path}:{n}: expected an object with string 'prompt' and 'response'")
-            rows.append(row)
-    if not rows:
-        raise ValueError(f"{path}: no examples")
-    return rows
+    return read_rows(path)
 
 
 def make_demo_data(folder: str, seed: int = 0) -> tuple:

@@ -315,10 +315,11 @@ def prior_strength(model, batches: Iterable[dict], *, head=None, softcap: Option
 
 # ----------------------------------------------------------------------------- command line
 
-def read_pairs(path: str, prompt_key: str = "prompt", response_key: str = "response",
-               max_examples: Optional[int] = None) -> list:
-    """``[(prompt, response), ...]`` from a JSONL file; a ValueError names the line at fault."""
-    pairs = []
+def read_rows(path: str, prompt_key: str = "prompt", response_key: str = "response",
+              max_examples: Optional[int] = None) -> list:
+    """The objects of a JSONL file, each with string ``prompt_key`` and ``response_key`` (other
+    keys kept); a ValueError names the line at fault, an empty file raises too."""
+    rows = []
     with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f, 1):
             if not line.strip():
@@ -330,12 +331,18 @@ def read_pairs(path: str, prompt_key: str = "prompt", response_key: str = "respo
             if not isinstance(row, dict) or not isinstance(row.get(prompt_key), str) \
                     or not isinstance(row.get(response_key), str):
                 raise ValueError(f"{path}:{n}: expected an object with string {prompt_key!r} and {response_key!r}")
-            pairs.append((row[prompt_key], row[response_key]))
-            if max_examples is not None and len(pairs) >= max_examples:
+            rows.append(row)
+            if max_examples is not None and len(rows) >= max_examples:
                 break
-    if not pairs:
+    if not rows:
         raise ValueError(f"{path}: no examples")
-    return pairs
+    return rows
+
+
+def read_pairs(path: str, prompt_key: str = "prompt", response_key: str = "response",
+               max_examples: Optional[int] = None) -> list:
+    """``[(prompt, response), ...]`` from a JSONL file (:func:`read_rows`)."""
+    return [(row[prompt_key], row[response_key]) for row in read_rows(path, prompt_key, response_key, max_examples)]
 
 
 def tokenized_batches(tokenizer, pairs: list, batch_size: int, max_length: int, eos: bool = True):
