@@ -84,11 +84,14 @@ def init(names):
         subprocess.run(["cosmic-ray", "init", str(cfg), str(db)], check=True, cwd=ROOT)
         rng = random.Random(SEED)
         with use_db(str(db), WorkDB.Mode.open) as work_db:
-            items = sorted(work_db.pending_work_items, key=lambda i: i.job_id)
+            # a stable order (cosmic-ray's job ids are random), so that the seed fixes the sample
+            items = sorted(work_db.pending_work_items, key=lambda i: (str(i.mutations[0].module_path),
+                                                                     i.mutations[0].operator_name,
+                                                                     i.mutations[0].occurrence))
             kept = [i for i in items if not exclude.match(i.mutations[0].operator_name)]
             chosen = set()
             for module in GROUPS[name][0]:
-                mine = sorted((i.job_id for i in kept if str(i.mutations[0].module_path) == module))
+                mine = [i.job_id for i in kept if str(i.mutations[0].module_path) == module]
                 chosen.update(rng.sample(mine, round(len(mine) * GROUPS[name][2])))
             kept_ids = {i.job_id for i in kept}
             for item in items:
