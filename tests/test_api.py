@@ -322,3 +322,11 @@ def test_num_items_in_batch_nan_negative_and_zero(impl):
     total = rk.cross_entropy(z, y, impl=impl, reduction="sum")
     for zero in (0, torch.tensor(0, device=DEVICE)):
         assert torch.equal(rk.cross_entropy(z, y, impl=impl, num_items_in_batch=zero), total)
+
+
+@pytest.mark.parametrize("make", [lambda: rk.RankTuner(clamp_min=True), lambda: rk.TALR(tau=True),
+                                  lambda: rk.EAFT(alpha=True), lambda: rk.RankTuner(clamp_min="0.5")])
+def test_positive_options_must_be_numbers(make):
+    """A bool (an int to Python) or a string is not a positive number."""
+    with pytest.raises(ValueError, match="finite number > 0"):
+        make()

@@ -220,3 +220,41 @@ def test_acc_policy_and_chunk_rule():
     if opts is not None:
         torch.testing.assert_close(rk.linear_cross_entropy(h, w, target, options=opts),
                                    rk.linear_cross_entropy(h, w, target))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_power_of_two_upstream_scales_exactly(impl):
+    """The gradients formed in forward (``"mean"``, a weighting that is not batch-level) times a
+    power-of-two upstream gradient, above or below 1 or negative, are exactly that multiple of
+    the gradients for an upstream of 1 (``test_upstream_gradient_rule`` counts the sweeps)."""
+    h, w, b, target = make_head((9,), 8, 40, torch.float32, True)
+
+    def grads(upstream):
+        leaves = [t.detach().clone().requires_grad_() for t in (h, w, b)]
+        loss = rk.linear_cross_entropy(leaves[0], leaves[1], target, linear_bias=leaves[2], chunk_size=4, impl=impl)
+        (loss * upstream).backward()
+        return [t.grad for t in leaves]
+
+    ones = grads(1.0)
+    for upstream in (2.0, 4.0, 0.5, -1.0):
+        for got, one in zip(grads(upstream), ones):
+            assert torch.equal(got, one * upstream), upstream
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_float64_recomputed_backward_with_every_option(reduction):
+    """The backward that recomputes the chunks (a random upstream gradient) with label smoothing
+    (its uniform term over ``V``, here ``!= D``), z-loss and a non-negative ``ignore_index`` (kept
+    targets on both sides of it): the materialised logits' loss and gradients to 1e-12."""
+    h, w, b, target = make_head((3, 4), 8, 50, torch.float64, True)
+    target = torch.where(target < 0, 7, target)
+    target.view(-1)[:2] = torch.tensor([3, 40])
+    assert (target < 7).any() and (target > 7).any() and (target == 7).any()
+    opts = dict(reduction=reduction, label_smoothing=0.1, z_loss=1e-3, ignore_index=7)
+    leaf = lambda: [t.detach().clone().requires_grad_() for t in (h, w, b)]  # noqa: E731
+    got, got_grads = loss_and_grads(lambda hh, ww, bb: rk.linear_cross_entropy(
+        hh, ww, target, linear_bias=bb, chunk_size=5, **opts), leaf())
+    want, want_grads = loss_and_grads(lambda hh, ww, bb: rk.cross_entropy(hh @ ww.T + bb, target, **opts), leaf())
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for g, wg in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, wg, rtol=1e-12, atol=1e-12)

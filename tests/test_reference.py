@@ -121,3 +121,27 @@ def test_scale_is_one_where_p_times_s_is_one():
     _, st = rk.cross_entropy(logits, target, weighting=rk.RankTuner(w0="one"), return_stats=True, impl="reference")
     assert abs(float(st["weight"]) - 1) < 1e-9
     assert abs(math.log(float(st["p_t"])) - float(st["logp_t"])) < 1e-12
+
+
+@pytest.mark.parametrize("obj", [rk.RankTuner(xi="log"), rk.RankTuner(xi="log", ablation="no_prob"),
+                                 rk.RankTuner(xi="log", ablation="no_entropy")], ids=cid)
+def test_log_mean_on_near_certain_targets(obj):
+    """Realistic magnitudes: logits around 20 and targets the model is sure of (rank 1, ``p_max``
+    ~ 1 - 1e-5, so ``s(H)`` ~ ``R`` and the logarithmic mean takes its arithmetic limit, the
+    ``close`` branch) against SPEC's oracle. The ablations expose ``K``: without them the
+    weight ``(p_t s)^K`` is ~1 whatever ``K``."""
+    g = torch.Generator().manual_seed(7)
+    logits = torch.randn(2, 5, 37, generator=g, dtype=torch.float64) * 2 + 20
+    target = torch.randint(0, 37, (2, 5), generator=g)
+    logits.scatter_add_(2, target[..., None], torch.full((2, 5, 1), 25.0, dtype=torch.float64))
+    target[0, 1] = -100
+    st = rk.token_stats(logits, target, impl="reference")
+    keep = target != -100
+    s = 2 - st["p_max"][keep].double()
+    assert (st["rank"][keep] == 1).all() and ((s.log()).abs() < 1e-4).all()  # every kept token: the close branch
+    x = logits.clone().requires_grad_()
+    ref, (g_ref,) = loss_and_grads(lambda z: rk.cross_entropy(z, target, weighting=obj, reduction="none",
+                                                              impl="reference"), [x])
+    spec, (g_spec,) = loss_and_grads(lambda z: spec_loss(z, target, obj, reduction="none"), [x])
+    torch.testing.assert_close(ref, spec, rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(g_ref, g_spec, rtol=1e-9, atol=1e-14)

@@ -106,3 +106,10 @@ def test_answer_entropy():
         answer_entropy("abc")
     with pytest.raises(ValueError):
         answer_entropy(answers, base=1)
+
+
+@pytest.mark.parametrize("eps", [-0.5, -1e-6, float("nan"), float("inf")])
+def test_bad_eps(eps):
+    """``eps`` is a floor on the entropies: a negative or non-finite one is refused."""
+    with pytest.raises(ValueError, match="eps"):
+        east_weights(torch.tensor([0.5, 1.0]), -1.0, eps=eps)

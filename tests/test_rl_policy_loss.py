@@ -252,3 +252,48 @@ def test_bad_arguments():
         policy_loss(logp, old, adv, mask, dual_clip=0.5)
     with pytest.raises(ValueError):
         policy_loss(logp[0], old[0], adv[0], mask[0])
+
+
+def test_dual_clip_frac_against_naive():
+    """``dual_clip_frac``: the kept tokens with ``A < 0`` whose clipped loss exceeds ``-c·A``."""
+    logp, old, adv, _, _, mask = make(seed=11, spread=2.5)
+    c = 3.0
+    _, m = policy_loss(logp, old, adv, mask, dual_clip=c)
+    kept = [(i, t) for i in range(B) for t in range(T) if mask[i, t]]
+    active = 0
+    for k in kept:
+        a, r = float(adv[k]), math.exp(float(logp[k] - old[k]))
+        pg = max(-a * r, -a * min(max(r, 0.8), 1.2))
+        active += a < 0 and pg > -a * c
+    assert 0 < active < sum(1 for k in kept if adv[k] < 0)  # the data has active and inactive A < 0 tokens
+    assert math.isclose(float(m["dual_clip_frac"]), active / len(kept), rel_tol=1e-12)
+
+
+@pytest.mark.parametrize("agg", AGGS)
+def test_negative_coefficients(agg):
+    """A negative ``kl_coef`` / ``entropy_coef`` (a KL reward, an entropy penalty) enters the loss
+    with its sign, like a positive one."""
+    logp, old, adv, ref, ent, mask = make(seed=5)
+    ours = lambda lp, en: policy_loss(lp, old, adv, mask, aggregation=agg, ref_logp=ref, kl_coef=-0.05,
+                                      entropy=en, entropy_coef=-0.01)
+    theirs = lambda lp, en: naive(lp, old, adv, mask, lo=0.2, hi=0.2, ratio="token", agg=agg, ref=ref,
+                                  kl_coef=-0.05, ent=en, ent_coef=-0.01)
+    l1, (g1, ge1), _ = grads(ours, logp, ent)
+    l2, (g2, ge2), _ = grads(theirs, logp, ent)
+    torch.testing.assert_close(l1, l2, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(g1, g2, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(ge1, ge2, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("agg", AGGS)
+def test_nothing_kept_ratio_metrics(agg):
+    """With no kept token the ratio's extremes are the neutral ratio 1 (not a min over nothing)."""
+    logp, old, adv, _, _, _ = make()
+    _, m = policy_loss(logp, old, adv, torch.zeros(B, T, dtype=torch.bool), aggregation=agg)
+    assert float(m["ratio_min"]) == 1.0 and float(m["ratio_max"]) == 1.0
+
+
+def test_options_are_keyword_only():
+    logp, old, adv, _, _, mask = make()
+    with pytest.raises(TypeError):
+        policy_loss(logp, old, adv, mask, 0.2)

@@ -309,3 +309,12 @@ def test_guided_one_call_equals_two_steps(impl):
     want, _ = thr_advantages(adv, info["thr"], correct, group, mask=keep, p=0.1, entropy=info["entropy"])
     torch.testing.assert_close(out, want)
     assert (out[keep] != 0).any() and (out[keep] == 0).any()  # dominant-token selection happened
+
+
+@pytest.mark.parametrize("shape", ["column", "row"])
+def test_correct_of_another_shape_is_refused(shape):
+    """``correct`` is ``[B]``: a ``[B, 1]`` column or a ``[1, B]`` row is refused, not broadcast."""
+    logits, tokens, correct, group, hidden = batch_case()
+    bad = correct[:, None] if shape == "column" else correct[None, :]
+    with pytest.raises(ValueError, match="correct"):
+        token_hidden_reward(logits, tokens, bad, group)

@@ -195,3 +195,10 @@ def test_bad_inputs():
     for exc, name, fn in cases:
         with pytest.raises(exc, match=name):
             fn()
+
+
+def test_zero_softcap_is_refused():
+    """``softcap`` divides the logits (``c tanh(z / c)``): 0 is refused like a negative one."""
+    h, w, bias, tokens, correct, group, mask = head_case()
+    with pytest.raises(ValueError, match="softcap"):
+        linear_token_hidden_reward(h, w, tokens, correct, softcap=0.0)

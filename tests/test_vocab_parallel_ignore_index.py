@@ -225,3 +225,90 @@ def test_two_ranks_with_ignore_index(suite, tmp_path):
     import distributed_cases
 
     distributed_cases.run_suite(suite, 2, str(tmp_path))
+
+
+@pytest.mark.parametrize("ignore_index", IGNORE_INDICES)
+def test_local_ignore_index_is_no_column(ignore_index):
+    """The shard-local ignore value is negative whatever the shard's size (no local column can
+    equal it), and a negative ``ignore_index`` is kept as it is."""
+    from ranktuner_kernels._distributed import local_ignore_index
+
+    local = local_ignore_index(ignore_index)
+    assert local < 0
+    assert ignore_index >= 0 or local == ignore_index
+
+
+def test_target_fingerprint_sees_every_position():
+    """The fingerprint that the ranks of a group all-gather to check they hold the same targets
+    (``_distributed._checksum``, when ``vocab_offset`` / ``vocab_size`` are not given) changes
+    with a change of any one target, the first included."""
+    from ranktuner_kernels._distributed import _checksum
+
+    target = two_shard_batch(-100).view(-1)
+    for pos in range(target.numel()):
+        other = target.clone()
+        other[pos] += 1
+        assert _checksum(other) != _checksum(target), pos
+
+
+def test_two_linear_shards_in_bf16(two_ranks):
+    """16-bit hidden states and head on two shards: each rank accumulates its part of ``dh`` in
+    float32, chunk by chunk (``chunk_size=3``: three chunks of its 8 rows), before the group's sum and
+    the one rounding: loss, ``dh`` (every rank), ``dW`` and ``db`` err against float64 at most
+    twice as much as the unsharded bf16 call."""
+    target = two_shard_batch(-100)
+    v = sum(SIZES)
+    bounds = [(0, SIZES[0]), (SIZES[0], v)]
+    g = torch.Generator().manual_seed(6)
+    full = [torch.randn(2, 4, 8, generator=g, dtype=torch.float64), torch.randn(v, 8, generator=g,
+            dtype=torch.float64) * 1.5, torch.randn(v, generator=g, dtype=torch.float64)]
+
+    def loss(tensors, **more):
+        h, w, b = tensors
+        return rk.linear_cross_entropy(h, w, target, linear_bias=b, impl="reference", **more)
+
+    def leaves(tensors, dtype):
+        return [t.to(dtype).clone().requires_grad_() for t in tensors]
+
+    def on_rank(rank):
+        lo, hi = bounds[rank]
+        shard = [full[0], full[1][lo:hi], full[2][lo:hi]]
+        return run(lambda *ts: loss(ts, process_group=two_ranks[rank], vocab_offset=lo, vocab_size=v, chunk_size=3),
+                   leaves(shard, torch.bfloat16))
+
+    ranks = on_ranks(on_rank)
+    single = run(lambda *ts: loss(ts), leaves(full, torch.bfloat16))
+    exact = run(lambda *ts: loss(ts), leaves(full, torch.float64))
+    for rank in ranks:
+        assert rank[1].dtype == torch.bfloat16
+        errors_within("loss", rank[0], single[0], exact[0])
+        errors_within("dh", rank[1], single[1], exact[1])
+    for i, name in ((2, "dW"), (3, "db")):
+        errors_within(name, torch.cat([r[i] for r in ranks], 0), single[i], exact[i])
+
+
+@pytest.mark.filterwarnings("error:An output with one or more elements was resized")
+@pytest.mark.parametrize("impl", ["reference", "triton"])
+def test_linear_shard_in_bf16(one_rank, impl):
+    """A 16-bit fused call on a shard accumulates ``dh`` in float32 (a shard's partial sum),
+    chunk by chunk (``chunk_size=2``: three chunks, each written into its own rows: torch's
+    resizing of a mis-sized ``out=`` view, a warning here, would hide a wrong slice): loss, ``dh``,
+    ``dW``, ``db`` err against float64 at most twice as much as the unsharded bf16 call."""
+    target = batch(-100)
+    g = torch.Generator().manual_seed(5)
+    h, w, b = (torch.randn(2, 3, 8, generator=g, dtype=torch.float64), torch.randn(HI - LO, 8, generator=g,
+               dtype=torch.float64) * 1.5, torch.randn(HI - LO, generator=g, dtype=torch.float64))
+
+    def leaves(dtype):
+        return [t.to(dtype).clone().requires_grad_() for t in (h, w, b)]
+
+    got = run(lambda h_, w_, b_: rk.linear_cross_entropy(h_, w_, target, linear_bias=b_, process_group=one_rank,
+                                                         vocab_offset=LO, vocab_size=V, impl=impl, chunk_size=2),
+              leaves(torch.bfloat16))
+    single = run(lambda h_, w_, b_: rk.cross_entropy(masked(torch.nn.functional.linear(h_, w_, b_)), target, impl=impl),
+                 leaves(torch.bfloat16))
+    exact = run(lambda h_, w_, b_: rk.cross_entropy(masked(torch.nn.functional.linear(h_, w_, b_)), target,
+                                                    impl="reference"), leaves(torch.float64))
+    assert got[1].dtype == torch.bfloat16
+    for name, a, s, e in zip(("loss", "dh", "dW", "db"), got, single, exact):
+        errors_within(name, a, s, e)
