@@ -318,3 +318,16 @@ def test_correct_of_another_shape_is_refused(shape):
     bad = correct[:, None] if shape == "column" else correct[None, :]
     with pytest.raises(ValueError, match="correct"):
         token_hidden_reward(logits, tokens, bad, group)
+
+
+@pytest.mark.parametrize("tau", ["nthr", 0.0])
+def test_a_group_without_a_correct_response_keeps_its_advantages(tau):
+    """THR adjusts only the groups with a correct response (it sums over them): a group of wrong
+    responses keeps its advantages, also with a fixed ``tau`` (no group minimum to go by)."""
+    g = torch.Generator().manual_seed(4)
+    adv, thr = torch.randn(4, 5, generator=g), torch.randn(4, 5, generator=g)
+    correct = torch.tensor([True, False, False, False])
+    group = torch.tensor([0, 0, 1, 1])
+    out, info = thr_advantages(adv, thr, correct, group, p=0.5, tau=tau)
+    assert torch.equal(out[2:], adv[2:]) and not info["active"][2:].any()
+    assert info["active"][:2].all() and not torch.equal(out[:2], adv[:2])
