@@ -300,10 +300,34 @@ def check_different_targets_raise(world):
         raise AssertionError("no error for ranks holding different targets")
 
 
+def check_double_backward(world):
+    """A second backward through the same graph (``retain_graph=True``) with an upstream of 1:
+    the input gradient formed in forward is summed over the group into a new tensor, never in
+    place, so the second backward gives the first's gradient again (the sum is exact: ``x + x``)."""
+    g = torch.Generator().manual_seed(11)
+    h = torch.randn(2, 3, 8, generator=g, dtype=torch.float64)
+    w = torch.randn(V, 8, generator=g, dtype=torch.float64)
+    target = torch.randint(0, V, (2, 3), generator=g)
+    lo, hi = shard_range(world)
+    shard_h, shard_w = h.float().requires_grad_(), w[lo:hi].float().requires_grad_()
+    loss = rk.linear_cross_entropy(shard_h, shard_w, target, weighting="ranktuner", process_group=dist.group.WORLD)
+    loss.backward(retain_graph=True)
+    first = shard_h.grad.clone()
+    loss.backward()
+    assert torch.equal(shard_h.grad, first + first), "the second backward's input gradient differs from the first's"
+    grads = []
+    for dt in (torch.float32, torch.float64):
+        single = h.to(dt).requires_grad_()
+        rk.linear_cross_entropy(single, w.to(dt), target, weighting="ranktuner").backward()
+        grads.append(single.grad)
+    close_errors("dh", first, *grads)
+
+
 def tp_suite(world):
     yield from objective_cases(world)
     yield from option_cases(world)
     yield from parallel_cases(world)
+    yield ("linear-double-backward", lambda: check_double_backward(world))
 
 
 def ignore_index_cases(world, indices):
