@@ -1,6 +1,7 @@
 """The installed package exposes one import namespace."""
 
 import importlib.util
+import os
 
 import ranktuner_kernels as rk
 
@@ -12,9 +13,18 @@ def test_reference_and_kernels_live_inside_the_package():
     assert kernels.__name__ == "ranktuner_kernels.kernels"
 
 
-def test_no_top_level_reference_or_csrc_triton_modules():
-    for name in ("reference", "csrc_triton"):
-        assert importlib.util.find_spec(name) is None, f"a top-level module {name!r} is importable"
+def test_no_top_level_reference_or_csrc_triton_modules(tmp_path):
+    """The install maps reference/ and csrc_triton/ into ranktuner_kernels only: outside the
+    checkout (``python -m pytest`` puts the checkout itself on ``sys.path``) neither is a
+    top-level module."""
+    import subprocess
+    import sys
+
+    code = "import importlib.util; print([n for n in ('reference', 'csrc_triton') if importlib.util.find_spec(n)])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                         env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
+    assert importlib.util.find_spec("ranktuner_kernels.reference") is not None
 
 
 def test_public_api():
