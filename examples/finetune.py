@@ -221,7 +221,7 @@ def parse_args(argv=None) -> tuple:
     (``--out-dir``) as given; ``--update``: the committed :data:`RESULTS` (the full run only);
     else the scratch folder :data:`SCRATCH_OUT` (:data:`QUICK_OUT` with ``--quick``)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--quick", action="store_true", help="the shortened run of the test (about a minute on 2 CPU cores); "
+    ap.add_argument("--quick", action="store_true", help="the shortened run of the test (66 s on 2 CPU cores); "
                     f"writes to a scratch folder ({QUICK_OUT}) unless --out is given")
     ap.add_argument("--out", dest="out", default=None, help=f"output folder (same as --out-dir; default: a scratch "
                     f"folder, {SCRATCH_OUT})")
