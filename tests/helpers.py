@@ -108,3 +108,20 @@ def float64_copy(model):
             # MoE experts by torch's grouped_mm take no float64: the eager loop computes the same
             config._experts_implementation = "eager"
     return twin
+
+
+def record_prepared_calls(monkeypatch, field: str) -> list:
+    """Spy on ``_call.prepare`` (every loss and statistics call goes through it): returns the list
+    to which each call's ``params.<field>`` (e.g. ``asked_stats``) is appended."""
+    from ranktuner_kernels import _call
+
+    calls = []
+    prepare = _call.prepare
+
+    def spy(*args, **kwargs):
+        call = prepare(*args, **kwargs)
+        calls.append(getattr(call.params, field))
+        return call
+
+    monkeypatch.setattr(_call, "prepare", spy)
+    return calls

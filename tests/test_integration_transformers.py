@@ -513,17 +513,9 @@ def test_the_loss_pass_computes_no_optional_statistic(monkeypatch):
     """The patched forward (fused and eval_logits paths) and make_compute_loss_func ask the core
     only for the statistics they read (log p_t, entropy, accuracy): the optional accumulators of
     the statistics pass (log_sum_p2, logit_mean, is_top1) stay off in a training step."""
-    from ranktuner_kernels import _call
+    from helpers import record_prepared_calls
 
-    calls = []
-    prepare = _call.prepare
-
-    def spy(*args, **kwargs):
-        call = prepare(*args, **kwargs)
-        calls.append(call.params.extra_stats)
-        return call
-
-    monkeypatch.setattr(_call, "prepare", spy)
+    calls = record_prepared_calls(monkeypatch, "extra_stats")
     ids, labels = make_batch()
     model = rkt.patch_model(make_model(), weighting="ranktuner", eval_logits=True)
     model.train()(ids, labels=labels)

@@ -407,18 +407,10 @@ def test_the_pass_computes_only_the_statistics_of_the_asked_fields(monkeypatch, 
     """One streaming pass per call, whose optional accumulators (``log_sum_p2``, ``logit_mean``,
     ``is_top1``) are on exactly for the asked fields: GRPO's ``("log_probs", "entropy")`` pays
     for none of them; with an objective (the SFT head) too."""
-    from ranktuner_kernels import _call
+    from helpers import record_prepared_calls
     from ranktuner_kernels.integrations.trl.head import install_head
 
-    calls = []
-    prepare = _call.prepare
-
-    def spy(*args, **kwargs):
-        call = prepare(*args, **kwargs)
-        calls.append(call.params.asked_stats)
-        return call
-
-    monkeypatch.setattr(_call, "prepare", spy)
+    calls = record_prepared_calls(monkeypatch, "asked_stats")
     model = make_model()
     ids, mask, labels = make_batch(model)
     core = {"log_sum_sq_probs": "log_sum_p2", "mean_logits": "logit_mean", "is_top1": "is_top1"}
