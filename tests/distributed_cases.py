@@ -112,12 +112,6 @@ def shard_range(world):
     return off, off + sizes[r]
 
 
-def close_errors(name, got, single, exact):
-    """``got`` (sharded) is no less accurate against ``exact`` (float64) than ``single`` (the
-    single-process call in the same dtype): ``tests/error_model.py``."""
-    assert_no_less_accurate(got, single, exact, what=name)
-
-
 def like_single_process(where, loss, grads, ref, truth):
     """A data-parallel (or sharded) run's loss and gradients against the single-process run in
     float32 (``ref``) and in float64 (``truth``), each a ``(loss, {name: grad})`` pair: ours is
@@ -191,8 +185,8 @@ def check_logits(cfg, impl, dtype, reduction, world, seed=0, ignore_index=-100, 
     loss64, stats64 = run(exact, "reference")
     assert grad.dtype == dtype and grad.shape == x.shape
     compare_stats(stats, stats1, stats64)
-    close_errors("loss", loss, loss1, loss64)
-    close_errors("grad", grad, full.grad[..., lo:hi], exact.grad[..., lo:hi])
+    assert_no_less_accurate(loss, loss1, loss64, what="loss")
+    assert_no_less_accurate(grad, full.grad[..., lo:hi], exact.grad[..., lo:hi], what="grad")
 
 
 def check_linear(cfg, impl, dtype, reduction, world, seed=0, bias=False, ignore_index=-100, **extra):
@@ -223,14 +217,14 @@ def check_linear(cfg, impl, dtype, reduction, world, seed=0, bias=False, ignore_
     exact = leaves(torch.float64)
     loss64, stats64 = run(*exact, "reference")
     compare_stats(stats, stats1, stats1 if dtype != torch.float32 else stats64)
-    close_errors("loss", loss, loss1, loss64)
+    assert_no_less_accurate(loss, loss1, loss64, what="loss")
     dh = shard[0].grad
     if local_kw.get("reduce_input_grad") is False:
         dist.all_reduce(dh)
-    close_errors("dh", dh, single[0].grad, exact[0].grad)
-    close_errors("dW", shard[1].grad, single[1].grad[lo:hi], exact[1].grad[lo:hi])
+    assert_no_less_accurate(dh, single[0].grad, exact[0].grad, what="dh")
+    assert_no_less_accurate(shard[1].grad, single[1].grad[lo:hi], exact[1].grad[lo:hi], what="dW")
     if bias:
-        close_errors("db", shard[2].grad, single[2].grad[lo:hi], exact[2].grad[lo:hi])
+        assert_no_less_accurate(shard[2].grad, single[2].grad[lo:hi], exact[2].grad[lo:hi], what="db")
 
 
 # -- suites ----------------------------------------------------------------------------------
@@ -320,7 +314,7 @@ def check_double_backward(world):
         single = h.to(dt).requires_grad_()
         rk.linear_cross_entropy(single, w.to(dt), target, weighting="ranktuner").backward()
         grads.append(single.grad)
-    close_errors("dh", first, *grads)
+    assert_no_less_accurate(first, *grads, what="dh")
 
 
 def tp_suite(world):
